@@ -1,0 +1,38 @@
+# One image, two roles: the web server (default command) or the Celery worker
+# (`celery -A b24app worker ...`, see compose.yaml). No secret is baked in: every
+# setting comes from the environment at run time.
+
+FROM python:3.11-slim AS build
+WORKDIR /app
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY pyproject.toml constraints.txt ./
+COPY b24app ./b24app
+COPY flows ./flows
+COPY sandbox ./sandbox
+RUN python -m venv /venv \
+    && /venv/bin/pip install -c constraints.txt .
+
+FROM python:3.11-slim AS runtime
+ENV PATH=/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    DJANGO_SETTINGS_MODULE=b24app.settings \
+    FLOWPINS_VAR_DIR=/tmp/flowpins \
+    PORT=8000
+RUN useradd --create-home --uid 10001 app
+WORKDIR /app
+COPY --from=build /venv /venv
+COPY manage.py ./
+COPY b24app ./b24app
+COPY flows ./flows
+COPY sandbox ./sandbox
+COPY templates ./templates
+COPY locale ./locale
+# collectstatic needs settings but no real secret: throwaway values for this one command only.
+RUN DEBUG=0 SECRET_KEY=collectstatic B24_TOKEN_KEY=collectstatic B24_CLIENT_ID=x \
+    B24_CLIENT_SECRET=x ALLOWED_HOSTS=localhost python manage.py collectstatic --noinput -v0
+USER 10001
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
+    CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+CMD ["sh", "-c", "exec gunicorn b24app.wsgi --bind 0.0.0.0:${PORT} --workers 3 --threads 4 --access-logfile -"]

@@ -1,0 +1,54 @@
+# Flow Pins — the two commands of the README are `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: run demo sandbox test lint fmt bench clean install install-test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e '.[test]'
+	@touch $@ $(VENV)/.runtime
+
+install: $(VENV)/.runtime
+install-test: $(VENV)/.test
+
+## run: the web server and a Celery worker (plus a private Redis when REDIS_URL is unset)
+run: $(VENV)/.runtime
+	$(BIN)/python -m b24app.devrun run
+
+## demo: `run` plus the simulated Bitrix24 portal
+demo: $(VENV)/.runtime
+	$(BIN)/python -m b24app.devrun demo
+
+## sandbox: the simulated Bitrix24 portal alone
+sandbox: $(VENV)/.runtime
+	$(BIN)/python -m sandbox
+
+## test: the whole suite (services tests use DATABASE_URL / REDIS_URL when set)
+test: $(VENV)/.test
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	DEBUG=1 $(BIN)/mypy b24app flows sandbox
+	$(BIN)/hadolint Dockerfile
+
+fmt: $(VENV)/.test
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## bench: the benchmarks in bench/ (needs PostgreSQL and Redis, like CI)
+bench: $(VENV)/.test
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var staticfiles

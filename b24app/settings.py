@@ -1,0 +1,218 @@
+"""The one settings module: every value comes from the environment (or a `.env` file).
+
+Each variable is documented in README.md and `.env.example`. Outside DEBUG a missing secret stops
+start-up with a message naming the variable, so a misconfigured deployment never half-works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(os.environ.get("FLOWPINS_VAR_DIR", BASE_DIR / "var"))
+
+env = environ.Env()
+_env_file = os.environ.get("FLOWPINS_ENV_FILE", str(BASE_DIR / ".env"))
+if Path(_env_file).is_file():
+    environ.Env.read_env(_env_file, overwrite=False)
+
+DEBUG: bool = env.bool("DEBUG", default=False)
+
+# Development-only fallbacks. Outside DEBUG each of these must be set explicitly.
+_DEV_FALLBACKS = {
+    "SECRET_KEY": "dev-only-secret-key-not-for-production",
+    # A Fernet key (urlsafe base64 of 32 bytes); dev only.
+    "B24_TOKEN_KEY": "ZGV2LW9ubHktdG9rZW4ta2V5LW5vdC1mb3ItcHJvZCE=",
+    "B24_CLIENT_ID": "local.sandbox0000000001",
+    "B24_CLIENT_SECRET": "sandbox-client-secret",
+}
+
+
+def _secret(name: str) -> str:
+    value: str = env.str(name, default="")
+    if value:
+        return value
+    if DEBUG:
+        return _DEV_FALLBACKS[name]
+    raise ImproperlyConfigured(
+        f"{name} is not set. Set it in the environment or in .env (see .env.example); "
+        "only DEBUG=1 runs with development defaults."
+    )
+
+
+SECRET_KEY = _secret("SECRET_KEY")
+B24_TOKEN_KEY = _secret("B24_TOKEN_KEY")
+B24_CLIENT_ID = _secret("B24_CLIENT_ID")
+B24_CLIENT_SECRET = _secret("B24_CLIENT_SECRET")
+
+ALLOWED_HOSTS: list[str] = env.list(
+    "ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"] if DEBUG else []
+)
+if not DEBUG and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("ALLOWED_HOSTS is not set (comma-separated host names).")
+
+PORT: int = env.int("PORT", default=8000)
+B24_APP_BASE_URL: str = env.str("B24_APP_BASE_URL", default=f"http://127.0.0.1:{PORT}").rstrip("/")
+B24_OAUTH_SERVERS: list[str] = [
+    s.strip()
+    for s in env.list(
+        "B24_OAUTH_SERVERS", default=["https://oauth.bitrix.info/", "https://oauth.bitrix24.tech/"]
+    )
+    if s.strip()
+]
+B24_ALLOW_HTTP: bool = env.bool("B24_ALLOW_HTTP", default=False)
+
+# Default per-portal leaky bucket (Bitrix24's non-Enterprise plans): 2 requests/s, burst 50.
+B24_RATE_PER_SECOND: float = env.float("B24_RATE_PER_SECOND", default=2.0)
+B24_RATE_BURST: int = env.int("B24_RATE_BURST", default=50)
+# HTTP timeouts for every call to a portal or the OAuth server: (connect, read) seconds.
+B24_HTTP_TIMEOUT: tuple[float, float] = (
+    env.float("B24_HTTP_CONNECT_TIMEOUT", default=5.0),
+    env.float("B24_HTTP_READ_TIMEOUT", default=30.0),
+)
+# How long a positive install/frame verification (an app.info answer) is trusted.
+B24_VERIFY_CACHE_SECONDS: int = env.int("B24_VERIFY_CACHE_SECONDS", default=300)
+# REST call metadata is kept at least 3 days (a Market rule); we keep 7 by default.
+B24_CALL_LOG_DAYS: int = env.int("B24_CALL_LOG_DAYS", default=7)
+
+# How long the signed token in a rendered page stays valid for that page's own requests.
+FLOWPINS_PAGE_TOKEN_SECONDS: int = env.int("FLOWPINS_PAGE_TOKEN_SECONDS", default=4 * 3600)
+# The BX24 JS library (fitWindow, installFinish). Empty: do not load it (tests, offline demos).
+B24_JS_SDK_URL: str = env.str("B24_JS_SDK_URL", default="//api.bitrix24.com/api/v1/")
+
+VAR_DIR.mkdir(parents=True, exist_ok=True)
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'flowpins.sqlite3'}")
+}
+DATABASES["default"].setdefault("CONN_MAX_AGE", 60)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # SQLite is the zero-setup default: wait on a locked database instead of failing at once.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"timeout": 20, "transaction_mode": "IMMEDIATE", "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+
+REDIS_URL: str = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "b24app",
+    "flows",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.locale.LocaleMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    # The frame pages set their own frame-ancestors CSP; everything else stays unframeable.
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "b24app.urls"
+WSGI_APPLICATION = "b24app.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en"
+LANGUAGES = [("en", "English"), ("ru", "Русский")]
+LOCALE_PATHS = [BASE_DIR / "locale"]
+USE_I18N = True
+TIME_ZONE = "UTC"
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "flowpins",
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
+    }
+}
+
+# Behind a TLS-terminating proxy (the production set-up) trust its scheme header.
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_SECURE = not DEBUG
+CSRF_COOKIE_SECURE = not DEBUG
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024  # Bitrix24 POSTs are small; refuse anything huge.
+DATA_UPLOAD_MAX_NUMBER_FIELDS = 200
+
+# Celery: Redis broker; tasks are acknowledged after they ran (their bodies are idempotent).
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default=REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": 3600,
+    "socket_connect_timeout": 2,
+    "socket_timeout": 5,
+    "max_retries": 2,
+}
+CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_DEFAULT_QUEUE = "flowpins"
+
+LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact": {"()": "b24app.logging.RedactSecretsFilter"}},
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # These libraries log request bodies and tokens at DEBUG: never let them.
+        "oauthlib": {"level": "WARNING"},
+        "requests_oauthlib": {"level": "WARNING"},
+        "urllib3": {"level": "WARNING"},
+        "celery": {"level": "INFO"},
+    },
+}

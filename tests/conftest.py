@@ -1,0 +1,173 @@
+"""Shared fixtures: the real services, the simulated portal, live app server and Celery worker.
+
+Tests marked `services` need PostgreSQL (DATABASE_URL) and Redis; `browser` tests need Chromium.
+On a machine without them those tests are skipped and say why; with FLOWPINS_REQUIRE_SERVICES=1
+(CI) any skipped test fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+from django.conf import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRE_SERVICES = os.environ.get("FLOWPINS_REQUIRE_SERVICES") == "1"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _postgres_ok() -> bool:
+    return settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if "services" in item.keywords and not _postgres_ok():
+            item.add_marker(pytest.mark.skip(reason="needs PostgreSQL: set DATABASE_URL"))
+        if "browser" in item.keywords and not CHROMIUM:
+            item.add_marker(pytest.mark.skip(reason="needs Chromium (apt-get install chromium)"))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not REQUIRE_SERVICES:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
+    if skipped:
+        print(f"\nFLOWPINS_REQUIRE_SERVICES=1: {skipped} test(s) skipped; failing the run.")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def redis_client() -> Iterator[redis_lib.Redis]:
+    client = redis_lib.Redis.from_url(settings.REDIS_URL)
+    yield client
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def _clean_redis(redis_client: redis_lib.Redis) -> None:
+    """Rate-limit buckets, locks and caches must not leak from one test into the next.
+
+    Only the app's own keys go: the broker's queues and bindings live in the same database.
+    """
+    for pattern in ("fp:*", "flowpins:*"):
+        keys = list(redis_client.scan_iter(match=pattern, count=1000))
+        if keys:
+            redis_client.delete(*keys)
+
+
+# --- the simulated portal -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[Any]:
+    from sandbox.server import SandboxServer
+
+    srv = SandboxServer(
+        host="127.0.0.1",
+        port=0,
+        app_url="http://127.0.0.1:1",  # replaced by tests that need the app reachable
+        client_id=settings.B24_CLIENT_ID,
+        client_secret=settings.B24_CLIENT_SECRET,
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server: Any, settings: Any) -> Any:
+    """A freshly reset sandbox, allow-listed as the OAuth server for this test."""
+    import requests
+
+    requests.post(f"{sandbox_server.url}/_sandbox/reset", timeout=5).raise_for_status()
+    settings.B24_OAUTH_SERVERS = [f"{sandbox_server.url}/"]
+    settings.B24_ALLOW_HTTP = True
+    return sandbox_server
+
+
+# --- a real Celery worker ---------------------------------------------------------------------
+
+
+def _wait_for_worker(proc: subprocess.Popen[bytes], log: Path, seconds: float = 40) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"celery worker exited early:\n{log.read_text()[-3000:]}")
+        if "ready." in log.read_text():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"celery worker did not get ready:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def worker_env(django_db_setup: Any, sandbox_server: Any) -> dict[str, str]:
+    """The environment a separate worker or web process needs to share this test run's state."""
+    db = settings.DATABASES["default"]
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        DATABASE_URL=(
+            f"postgres://{db['USER']}:{db['PASSWORD']}@{db['HOST']}:{db['PORT']}/{db['NAME']}"
+        ),
+        REDIS_URL=settings.REDIS_URL,
+        B24_OAUTH_SERVERS=f"{sandbox_server.url}/",
+        B24_ALLOW_HTTP="1",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+@pytest.fixture(scope="session")
+def celery_worker_process(
+    worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "b24app",
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                "2",
+                "--queues",
+                "flowpins",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ],
+            env=worker_env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    proc.log_path = log  # type: ignore[attr-defined]
+    try:
+        _wait_for_worker(proc, log)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

