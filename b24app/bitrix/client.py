@@ -1,0 +1,359 @@
+"""The portal REST client: call(), batch(), paginate().
+
+Every request: a pooled session, connect and read timeouts, the method name in its exact case,
+the token in the POST body (never in a URL), the shared per-portal bucket and per-method pause,
+Bitrix24's error body read even on HTTP 200, and one metadata record (never a secret).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import requests
+from django.conf import settings
+from requests.adapters import HTTPAdapter
+
+from b24app.bitrix.errors import (
+    BadRequest,
+    BitrixError,
+    OperationTimeLimit,
+    RateLimited,
+    ResponseLost,
+    Unavailable,
+    error_from_body,
+)
+from b24app.bitrix.ratelimit import MethodPause, PortalRateLimiter
+
+log = logging.getLogger(__name__)
+
+BATCH_LIMIT = 50
+PAGE_SIZE = 50
+
+_local = threading.local()
+
+
+def http_session() -> requests.Session:
+    """One pooled session per process and thread (a forked Celery child builds its own)."""
+    session: requests.Session | None = getattr(_local, "session", None)
+    if session is None or getattr(_local, "pid", None) != os.getpid():
+        session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=20, pool_maxsize=20, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers["User-Agent"] = "flow-pins/0.1"
+        _local.session, _local.pid = session, os.getpid()
+    return session
+
+
+def php_query(params: Mapping[str, Any], prefix: str = "") -> str:
+    """Encode params the way PHP's http_build_query does (`filter[ID]=1&select[0]=ID`).
+
+    Batch commands are "method?query" strings that the portal parses with PHP rules.
+    """
+    parts: list[str] = []
+
+    def walk(key: str, value: Any) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                walk(f"{key}[{k}]", v)
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(f"{key}[{i}]", v)
+        else:
+            if isinstance(value, bool):
+                value = "1" if value else "0"
+            elif value is None:
+                value = ""
+            parts.append(f"{quote(key, safe='[]')}={quote(str(value), safe='')}")
+
+    for k, v in params.items():
+        walk(f"{prefix}[{k}]" if prefix else str(k), v)
+    return "&".join(parts)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    member_id: str
+    method: str
+    http_status: int | None
+    error: str
+    duration_ms: int
+    commands: int = 1
+
+
+@dataclass
+class CallResult:
+    result: Any
+    total: int | None = None
+    next: int | None = None
+    time: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    results: dict[str, Any]
+    errors: dict[str, BitrixError]
+    totals: dict[str, int]
+    nexts: dict[str, int]
+
+
+class PortalClient:
+    """Calls one portal's REST API. Token handling (refresh under a lock) lives a layer above."""
+
+    def __init__(
+        self,
+        *,
+        member_id: str,
+        endpoint: str,
+        rate: float | None = None,
+        burst: int | None = None,
+        on_call: Callable[[CallRecord], None] | None = None,
+        on_moved: Callable[[str], None] | None = None,
+        max_wait: float = 2.0,
+    ) -> None:
+        self.member_id = member_id
+        self.endpoint = endpoint if endpoint.endswith("/") else endpoint + "/"
+        self.limiter = PortalRateLimiter(member_id, rate, burst)
+        self.on_call = on_call
+        self.on_moved = on_moved
+        self.max_wait = max_wait
+
+    # -- public ------------------------------------------------------------------------------
+    def call(
+        self, method: str, params: Mapping[str, Any] | None = None, *, token: str
+    ) -> CallResult:
+        status, body = self._post(method, dict(params or {}), token=token, pause_key=method)
+        if "error" in body:
+            raise self._error(body, method, status)
+        return CallResult(
+            result=body.get("result"),
+            total=_int_or_none(body.get("total")),
+            next=_int_or_none(body.get("next")),
+            time=body.get("time") or {},
+        )
+
+    def batch(
+        self,
+        commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+        *,
+        token: str,
+        halt: bool = False,
+    ) -> BatchResult:
+        """Run up to 50 commands as one request; read every answer by its key, never by order."""
+        if not commands:
+            return BatchResult({}, {}, {}, {})
+        if len(commands) > BATCH_LIMIT:
+            raise ValueError(f"a batch holds at most {BATCH_LIMIT} commands")
+        for method, _ in commands.values():
+            MethodPause(self.member_id, method).check()
+        cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}
+        status, body = self._post(
+            "batch",
+            {"halt": 1 if halt else 0, "cmd": cmd},
+            token=token,
+            pause_key=None,
+            commands=len(cmd),
+        )
+        if "error" in body:
+            raise self._error(body, "batch", status)
+        outer = body.get("result") or {}
+        results = _as_dict(outer.get("result"))
+        raw_errors = _as_dict(outer.get("result_error"))
+        errors: dict[str, BitrixError] = {}
+        for key, err in raw_errors.items():
+            if isinstance(err, Mapping):
+                errors[key] = error_from_body(
+                    str(err.get("error", "")), str(err.get("error_description", "")), None
+                )
+            else:
+                errors[key] = BadRequest("ERROR", str(err))
+        for key, err in errors.items():
+            if isinstance(err, OperationTimeLimit):
+                method = commands[key][0] if key in commands else ""
+                reset = _reset_at(_as_dict(outer.get("result_time")).get(key))
+                MethodPause(self.member_id, method).pause_until(reset)
+        return BatchResult(
+            results=results,
+            errors=errors,
+            totals={k: int(v) for k, v in _as_dict(outer.get("result_total")).items()},
+            nexts={k: int(v) for k, v in _as_dict(outer.get("result_next")).items()},
+        )
+
+    def paginate(
+        self,
+        method: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        token: str,
+        items_key: str | None = None,
+        max_pages: int = 200,
+    ) -> Iterator[Any]:
+        """Yield every item of a paged list: `next` when the portal gives it, else until a page
+        holds fewer than 50 items (tasks.flow.Flow.list gives no `total`/`next`)."""
+        start = 0
+        for _ in range(max_pages):
+            res = self.call(method, {**(params or {}), "start": start}, token=token)
+            page = res.result
+            if items_key is not None and isinstance(page, Mapping):
+                page = page.get(items_key, [])
+            items = list(page.values()) if isinstance(page, Mapping) else list(page or [])
+            yield from items
+            if res.next is not None:
+                start = res.next
+            elif len(items) >= PAGE_SIZE and res.total is None:
+                start += PAGE_SIZE
+            else:
+                return
+
+    # -- internals ---------------------------------------------------------------------------
+    def _post(
+        self,
+        method: str,
+        params: dict[str, Any],
+        *,
+        token: str,
+        pause_key: str | None,
+        commands: int = 1,
+    ) -> tuple[int, dict[str, Any]]:
+        if pause_key:
+            MethodPause(self.member_id, pause_key).check()
+        self.limiter.acquire(self.max_wait)
+        payload = {**params, "auth": token}
+        moved = False
+        while True:
+            url = self.endpoint + method
+            started = time.monotonic()
+            status: int | None = None
+            error = ""
+            try:
+                response = http_session().post(
+                    url,
+                    data=json.dumps(payload),
+                    allow_redirects=False,
+                    headers={"Content-Type": "application/json", "Accept": "application/json"},
+                    timeout=settings.B24_HTTP_TIMEOUT,
+                )
+                status = response.status_code
+                if status in (301, 302, 303, 307, 308) and not moved:
+                    new_endpoint = self._moved_endpoint(response.headers.get("Location", ""))
+                    error = "MOVED"
+                    self._record(method, status, error, started, commands)
+                    moved = True
+                    self.endpoint = new_endpoint
+                    if self.on_moved:
+                        self.on_moved(new_endpoint)
+                    continue
+                body = _json_body(response)
+                if body is None:
+                    error = f"HTTP_{status}"
+                    raise (Unavailable if status >= 500 else BadRequest)(
+                        error, "the portal answered without a JSON body", status=status
+                    )
+                if "error" in body:
+                    error = str(body.get("error"))
+                return status, body
+            except requests.exceptions.ConnectTimeout as exc:
+                error = "CONNECT_TIMEOUT"
+                raise Unavailable(error, "could not connect to the portal") from exc
+            except requests.exceptions.ReadTimeout as exc:
+                error = "READ_TIMEOUT"
+                raise ResponseLost(error, "the portal did not answer in time") from exc
+            except requests.exceptions.ConnectionError as exc:
+                if _sent_but_lost(exc):
+                    error = "RESPONSE_LOST"
+                    raise ResponseLost(error, "the connection closed before an answer") from exc
+                error = "CONNECTION_ERROR"
+                raise Unavailable(error, "could not reach the portal") from exc
+            finally:
+                if error != "MOVED":
+                    self._record(method, status, error, started, commands)
+
+    def _error(self, body: Mapping[str, Any], method: str, status: int | None) -> BitrixError:
+        code = str(body.get("error", ""))
+        description = str(body.get("error_description", ""))
+        reset = _reset_at(body.get("time")) if code == "OPERATION_TIME_LIMIT" else None
+        err = error_from_body(code, description, status, reset_at=reset)
+        if isinstance(err, RateLimited):
+            self.limiter.saturate()
+        if isinstance(err, OperationTimeLimit):
+            MethodPause(self.member_id, method).pause_until(err.reset_at)
+        return err
+
+    def _moved_endpoint(self, location: str) -> str:
+        """A renamed portal answers 302 to its new address: re-send the same POST there."""
+        parts = urlsplit(location)
+        allowed = ("https",) + (("http",) if settings.B24_ALLOW_HTTP else ())
+        if parts.scheme not in allowed or not parts.netloc or "/rest/" not in parts.path:
+            raise BadRequest("BAD_REDIRECT", "the portal redirected to an unusable address")
+        path = parts.path[: parts.path.index("/rest/") + len("/rest/")]
+        return f"{parts.scheme}://{parts.netloc}{path}"
+
+    def _record(
+        self, method: str, status: int | None, error: str, started: float, commands: int
+    ) -> None:
+        if self.on_call is None:
+            return
+        try:
+            self.on_call(
+                CallRecord(
+                    self.member_id,
+                    method,
+                    status,
+                    error[:100],
+                    int((time.monotonic() - started) * 1000),
+                    commands,
+                )
+            )
+        except Exception:  # the call log must never break a call
+            log.warning("could not record REST call metadata", exc_info=True)
+
+
+def _json_body(response: requests.Response) -> dict[str, Any] | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else {"result": body}
+
+
+def _sent_but_lost(exc: requests.exceptions.ConnectionError) -> bool:
+    """True when the request went out and the connection died before the answer."""
+    text = repr(exc)
+    return any(
+        s in text
+        for s in (
+            "RemoteDisconnected",
+            "Connection aborted",
+            "ProtocolError",
+            "ConnectionResetError",
+            "IncompleteRead",
+        )
+    )
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _reset_at(time_block: Any) -> float:
+    if isinstance(time_block, Mapping):
+        try:
+            return float(time_block.get("operating_reset_at") or 0) or time.time() + 60
+        except (TypeError, ValueError):
+            pass
+    return time.time() + 60

@@ -1,0 +1,191 @@
+"""Exchanges with the Bitrix24 OAuth server: the trusted `app.info`, and token refresh.
+
+No ORM here: callers decide what to trust and what to save. Only allow-listed servers are ever
+contacted (`B24_OAUTH_SERVERS`, https unless `B24_ALLOW_HTTP`), so a forged install cannot make us
+send our client secret or a refresh token anywhere else. Tokens go in POST bodies, never in URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from django.conf import settings
+from oauthlib.oauth2 import OAuth2Error
+from requests_oauthlib import OAuth2Session
+
+from b24app.bitrix.client import http_session
+from b24app.bitrix.errors import (
+    BadRequest,
+    BitrixError,
+    ResponseLost,
+    Unavailable,
+    error_from_body,
+)
+
+
+class UntrustedServer(BitrixError):
+    """An OAuth server (or portal endpoint) outside the allowlist, or plain http without leave."""
+
+
+def _allowed_schemes() -> tuple[str, ...]:
+    return ("https", "http") if settings.B24_ALLOW_HTTP else ("https",)
+
+
+def trusted_server_base(server_endpoint: str) -> str:
+    """The allow-listed OAuth server base for `server_endpoint` (e.g. .../rest/), or refuse."""
+    parts = urlsplit(server_endpoint.strip())
+    if parts.scheme not in _allowed_schemes():
+        raise UntrustedServer("UNTRUSTED_SERVER", "the OAuth server must use https")
+    for base in settings.B24_OAUTH_SERVERS:
+        allowed = urlsplit(base)
+        if (
+            (parts.scheme, parts.netloc.lower()) == (allowed.scheme, allowed.netloc.lower())
+            and parts.path.startswith(allowed.path or "/")
+            and parts.scheme in _allowed_schemes()
+        ):
+            return f"{allowed.scheme}://{allowed.netloc}{allowed.path or '/'}".rstrip("/") + "/"
+    raise UntrustedServer("UNTRUSTED_SERVER", "the OAuth server is not in B24_OAUTH_SERVERS")
+
+
+def check_portal_endpoint(client_endpoint: str) -> str:
+    """A portal REST base from a trusted answer: must be https (or http when allowed)."""
+    parts = urlsplit(client_endpoint.strip())
+    if parts.scheme not in _allowed_schemes() or not parts.netloc:
+        raise UntrustedServer("UNTRUSTED_ENDPOINT", "the portal endpoint must use https")
+    return client_endpoint if client_endpoint.endswith("/") else client_endpoint + "/"
+
+
+@dataclass(frozen=True)
+class AppInfo:
+    """What the OAuth server vouches for about an access token."""
+
+    client_id: str
+    member_id: str
+    domain: str
+    client_endpoint: str
+    user_id: int | None
+    status: str
+    scope: str
+    installed: bool
+
+
+def app_info(server_endpoint: str, access_token: str) -> AppInfo:
+    base = trusted_server_base(server_endpoint)
+    try:
+        response = http_session().post(
+            base + "rest/app.info",
+            data={"auth": access_token},
+            headers={"Accept": "application/json"},
+            timeout=settings.B24_HTTP_TIMEOUT,
+            allow_redirects=False,
+        )
+    except requests.exceptions.RequestException as exc:
+        raise Unavailable("OAUTH_UNREACHABLE", "the OAuth server did not answer") from exc
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise (Unavailable if response.status_code >= 500 else BadRequest)(
+            f"HTTP_{response.status_code}",
+            "the OAuth server answered without JSON",
+            status=response.status_code,
+        )
+    if "error" in body:
+        raise error_from_body(
+            str(body["error"]), str(body.get("error_description", "")), response.status_code
+        )
+    result = body.get("result") or {}
+    install = result.get("install") or {}
+    if not isinstance(result, dict) or not isinstance(install, dict):
+        raise BadRequest("BAD_APP_INFO", "app.info answered in an unexpected shape")
+    user_id = result.get("user_id")
+    return AppInfo(
+        client_id=str(result.get("client_id") or ""),
+        member_id=str(install.get("member_id") or ""),
+        domain=str(install.get("domain") or ""),
+        client_endpoint=str(install.get("client_endpoint") or ""),
+        user_id=int(str(user_id)) if str(user_id or "").isdigit() else None,
+        status=str(install.get("status") or result.get("status") or ""),
+        scope=str(install.get("scope") or result.get("scope") or ""),
+        installed=bool(install.get("installed", True)),
+    )
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    access_token: str
+    refresh_token: str
+    expires_at: float
+    member_id: str
+    user_id: int | None
+    client_endpoint: str
+    server_endpoint: str
+    domain: str  # the OAuth server's domain in token responses, not the portal's
+
+
+def _raise_for_server_error(response: requests.Response) -> requests.Response:
+    if response.status_code >= 500:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or "error" not in body:
+            raise Unavailable(
+                f"HTTP_{response.status_code}",
+                "the OAuth server failed",
+                status=response.status_code,
+            )
+    return response
+
+
+def refresh(server_endpoint: str, refresh_token: str) -> TokenSet:
+    """One refresh-token exchange (requests-oauthlib), client credentials in the form body.
+
+    Refresh tokens rotate and are single-use: the caller must hold the user's token lock and
+    save both new tokens before anyone uses them.
+    """
+    base = trusted_server_base(server_endpoint)
+    if urlsplit(base).scheme == "http":
+        os.environ["OAUTHLIB_INSECURE_TRANSPORT"] = "1"  # only reachable with B24_ALLOW_HTTP
+    session = OAuth2Session(client_id=settings.B24_CLIENT_ID)
+    session.register_compliance_hook("refresh_token_response", _raise_for_server_error)
+    try:
+        token: dict[str, Any] = session.refresh_token(
+            base + "oauth/token/",
+            refresh_token=refresh_token,
+            client_id=settings.B24_CLIENT_ID,
+            client_secret=settings.B24_CLIENT_SECRET,
+            timeout=settings.B24_HTTP_TIMEOUT,
+        )
+    except OAuth2Error as exc:
+        raise error_from_body(str(exc.error), str(exc.description or ""), exc.status_code) from None
+    except requests.exceptions.ReadTimeout as exc:
+        raise ResponseLost("OAUTH_TIMEOUT", "the OAuth server did not answer in time") from exc
+    except requests.exceptions.RequestException as exc:
+        raise Unavailable("OAUTH_UNREACHABLE", "the OAuth server did not answer") from exc
+    except ValueError as exc:  # an unparseable body
+        raise Unavailable("OAUTH_BAD_ANSWER", "the OAuth server answered nonsense") from exc
+    finally:
+        session.close()
+    if not token.get("access_token") or not token.get("refresh_token"):
+        raise BadRequest("OAUTH_BAD_ANSWER", "the token answer holds no token pair")
+    expires = token.get("expires")
+    expires_in = token.get("expires_in") or 3600
+    expires_at = float(expires) if expires else time.time() + float(expires_in)
+    user_id = token.get("user_id")
+    return TokenSet(
+        access_token=str(token["access_token"]),
+        refresh_token=str(token["refresh_token"]),
+        expires_at=expires_at,
+        member_id=str(token.get("member_id") or ""),
+        user_id=int(str(user_id)) if str(user_id or "").isdigit() else None,
+        client_endpoint=str(token.get("client_endpoint") or ""),
+        server_endpoint=str(token.get("server_endpoint") or ""),
+        domain=str(token.get("domain") or ""),
+    )

@@ -1,0 +1,334 @@
+"""Actions that change portal state: install, update, uninstall, users' tokens, locked refresh.
+
+Views validate and tasks retry; the decisions and the writes are here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import transaction
+from django.dispatch import Signal
+from django.utils import timezone
+
+from b24app.bitrix import oauth
+from b24app.bitrix.client import BatchResult, CallRecord, PortalClient
+from b24app.bitrix.errors import (
+    AuthRevoked,
+    BitrixError,
+    InvalidClient,
+    InvalidToken,
+    PortalGone,
+    TokenExpired,
+)
+from b24app.models import Portal, PortalUser, RestCall
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Sent after a portal's tokens were deleted (uninstall); flows cancels its pending work.
+portal_uninstalled = Signal()  # kwargs: portal, clean
+
+EVENT_HANDLERS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
+# Seconds before the stored expiry at which a token counts as expired (clock skew, slow calls).
+EXPIRY_MARGIN = 30
+
+
+class ReopenRequired(Exception):
+    """The user's tokens are gone or dead: they must open the app in Bitrix24 again."""
+
+
+class ReinstallRequired(Exception):
+    """The portal is uninstalled, unpaid or deleted: an admin must act in Bitrix24."""
+
+
+def handler_url(name: str) -> str:
+    return f"{settings.B24_APP_BASE_URL}/b24/{name}/"
+
+
+# --- the REST client for a portal -------------------------------------------------------------
+
+
+def record_call(record: CallRecord) -> None:
+    RestCall.objects.create(
+        member_id=record.member_id,
+        method=record.method[:100],
+        http_status=record.http_status,
+        error=record.error,
+        duration_ms=record.duration_ms,
+        commands=record.commands,
+    )
+
+
+def prune_call_log() -> int:
+    cutoff = timezone.now() - timedelta(days=max(3, settings.B24_CALL_LOG_DAYS))
+    deleted, _ = RestCall.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
+
+
+def client_for(portal: Portal, *, max_wait: float = 2.0) -> PortalClient:
+    def moved(new_endpoint: str) -> None:
+        # A renamed portal: member_id stays, the address changes. Keep the new one.
+        log.info("portal %s moved to a new address", portal.member_id)
+        Portal.objects.filter(pk=portal.pk).update(client_endpoint=new_endpoint)
+        portal.client_endpoint = new_endpoint
+
+    return PortalClient(
+        member_id=portal.member_id,
+        endpoint=portal.client_endpoint,
+        rate=portal.rate_per_second,
+        burst=portal.rate_burst,
+        on_call=record_call,
+        on_moved=moved,
+        max_wait=max_wait,
+    )
+
+
+# --- users' tokens ----------------------------------------------------------------------------
+
+
+def _expiry(seconds: float) -> datetime:
+    return timezone.now() + timedelta(seconds=max(0.0, seconds))
+
+
+def user_tokens_store(
+    portal: Portal,
+    user_id: int,
+    *,
+    access_token: str,
+    refresh_token: str,
+    expires_in: float,
+    language: str = "",
+    is_admin: bool | None = None,
+) -> PortalUser:
+    """Keep the tokens a frame or event brought for this (portal, user)."""
+    with transaction.atomic():
+        user, _ = PortalUser.objects.select_for_update().get_or_create(
+            portal=portal, user_id=user_id
+        )
+        if access_token:
+            user.access_token = access_token
+            if refresh_token:
+                user.refresh_token = refresh_token
+            user.expires_at = _expiry(expires_in)
+            user.token_version += 1
+            user.state = PortalUser.State.ACTIVE
+            user.state_reason = ""
+        if language:
+            user.language = language
+        if is_admin is not None:
+            user.is_admin = is_admin
+        user.last_seen_at = timezone.now()
+        user.save()
+    return user
+
+
+def _expired(user: PortalUser) -> bool:
+    return user.expires_at is None or user.expires_at <= timezone.now() + timedelta(
+        seconds=EXPIRY_MARGIN
+    )
+
+
+def mark_user_needs_reopen(user_pk: int, reason: str) -> None:
+    PortalUser.objects.filter(pk=user_pk).update(
+        state=PortalUser.State.NEEDS_REOPEN,
+        state_reason=reason[:300],
+        access_token="",
+        refresh_token="",
+        expires_at=None,
+    )
+
+
+def mark_portal_needs_reinstall(portal_pk: int, reason: str) -> None:
+    Portal.objects.filter(pk=portal_pk).update(
+        state=Portal.State.NEEDS_REINSTALL, state_reason=reason[:300]
+    )
+
+
+def refresh_user_token(user_pk: int, failed_version: int) -> tuple[str, int]:
+    """Refresh one user's tokens, at most once for many concurrent callers.
+
+    Refresh tokens rotate and are single-use, so: lock the row, read it again, refresh only if it
+    still holds the pair that failed (another worker may have refreshed already), save both
+    tokens before anyone uses them. Returns (access_token, token_version).
+    """
+    failure: BitrixError | None = None
+    with transaction.atomic():
+        user = PortalUser.objects.select_for_update().select_related("portal").get(pk=user_pk)
+        portal = user.portal
+        if not portal.is_active:
+            raise ReinstallRequired(portal.state_reason or "the app is not installed")
+        if user.state != PortalUser.State.ACTIVE or not user.has_tokens:
+            raise ReopenRequired(user.state_reason or "no stored tokens")
+        if user.token_version != failed_version and not _expired(user):
+            return user.access_token, user.token_version
+        try:
+            tokens = oauth.refresh(portal.server_endpoint, user.refresh_token)
+        except (AuthRevoked, InvalidToken) as exc:
+            failure = exc
+        except (PortalGone, InvalidClient) as exc:
+            failure = exc
+        else:
+            user.access_token = tokens.access_token
+            user.refresh_token = tokens.refresh_token
+            user.expires_at = datetime.fromtimestamp(tokens.expires_at, tz=UTC)
+            user.token_version += 1
+            user.refreshed_at = timezone.now()
+            user.save(
+                update_fields=[
+                    "access_token",
+                    "refresh_token",
+                    "expires_at",
+                    "token_version",
+                    "refreshed_at",
+                ]
+            )
+            if tokens.client_endpoint and tokens.client_endpoint != portal.client_endpoint:
+                try:
+                    endpoint = oauth.check_portal_endpoint(tokens.client_endpoint)
+                except oauth.UntrustedServer:
+                    pass
+                else:
+                    Portal.objects.filter(pk=portal.pk).update(client_endpoint=endpoint)
+            return user.access_token, user.token_version
+    # The refresh chain is dead: record it (outside the rolled-back block) and stop.
+    assert failure is not None
+    if isinstance(failure, PortalGone | InvalidClient):
+        mark_portal_needs_reinstall(portal.pk, f"{failure.code}: {failure.description}")
+        raise ReinstallRequired(failure.code) from None
+    mark_user_needs_reopen(user_pk, f"{failure.code}: {failure.description}")
+    raise ReopenRequired(failure.code) from None
+
+
+def call_with_user(
+    user: PortalUser, action: Callable[[PortalClient, str], T], *, max_wait: float = 2.0
+) -> T:
+    """Run `action(client, access_token)` with this user's token: refresh lazily (on a passed
+    expiry or on expired_token), under the lock, and retry the action once."""
+    user.refresh_from_db()
+    portal = Portal.objects.get(pk=user.portal_id)
+    if not portal.is_active:
+        raise ReinstallRequired(portal.state_reason or "the app is not installed")
+    if user.state != PortalUser.State.ACTIVE or not user.has_tokens:
+        raise ReopenRequired(user.state_reason or "no stored tokens")
+    client = client_for(portal, max_wait=max_wait)
+    token, version = user.access_token, user.token_version
+    if _expired(user):
+        token, version = refresh_user_token(user.pk, version)
+    try:
+        return action(client, token)
+    except (TokenExpired, InvalidToken):
+        token, version = refresh_user_token(user.pk, version)
+    try:
+        return action(client, token)
+    except InvalidToken as exc:  # a fresh token refused: this chain is not usable
+        mark_user_needs_reopen(user.pk, f"{exc.code}: {exc.description}")
+        raise ReopenRequired(exc.code) from None
+    except PortalGone as exc:
+        mark_portal_needs_reinstall(portal.pk, f"{exc.code}: {exc.description}")
+        raise ReinstallRequired(exc.code) from None
+
+
+def admin_user(portal: Portal) -> PortalUser:
+    """The user whose token does portal-level work (bindings): the installer, else an admin."""
+    users = PortalUser.objects.filter(portal=portal, state=PortalUser.State.ACTIVE)
+    installer = None
+    if portal.installer_user_id is not None:
+        installer = users.filter(user_id=portal.installer_user_id).first()
+    user = installer or users.filter(is_admin=True).order_by("-last_seen_at").first()
+    if user is None or not user.has_tokens:
+        raise ReopenRequired("no administrator token: an admin must open the app once")
+    return user
+
+
+# --- install, update, uninstall -----------------------------------------------------------------
+
+
+def portal_install(
+    *, info: oauth.AppInfo, server_endpoint: str, application_token: str, scope: str
+) -> Portal:
+    """Create or refresh the portal from a verified install (key: member_id, never DOMAIN)."""
+    with transaction.atomic():
+        portal = Portal.objects.select_for_update().filter(member_id=info.member_id).first()
+        fresh = portal is None or portal.state == Portal.State.UNINSTALLED
+        if portal is None:
+            portal = Portal(member_id=info.member_id)
+        portal.domain = info.domain[:255]
+        portal.client_endpoint = oauth.check_portal_endpoint(info.client_endpoint)
+        portal.server_endpoint = oauth.trusted_server_base(server_endpoint) + "rest/"
+        portal.scope = (scope or info.scope)[:500]
+        portal.status = info.status[:2]
+        if application_token:
+            portal.application_token = application_token
+        portal.state = Portal.State.ACTIVE
+        portal.state_reason = ""
+        portal.installer_user_id = info.user_id
+        if fresh:
+            portal.installed_at = timezone.now()
+        portal.save()
+    return portal
+
+
+def portal_bind_handlers(portal: Portal) -> BatchResult:
+    """Bind the LEFT_MENU item and our lifecycle events — one batch, idempotent on reinstall:
+    each binding is removed first, so it exists exactly once afterwards."""
+    app_url, events_url = handler_url("app"), handler_url("events")
+    commands: dict[str, tuple[str, dict[str, Any]]] = {
+        "unbind_menu": ("placement.unbind", {"PLACEMENT": "LEFT_MENU", "HANDLER": app_url}),
+        "bind_menu": (
+            "placement.bind",
+            {
+                "PLACEMENT": "LEFT_MENU",
+                "HANDLER": app_url,
+                "TITLE": "Flow Pins",
+                "LANG_ALL": {"en": {"TITLE": "Flow Pins"}, "ru": {"TITLE": "Закрепление потоков"}},
+            },
+        ),
+    }
+    for event in EVENT_HANDLERS:
+        key = event.lower()
+        commands[f"unbind_{key}"] = ("event.unbind", {"event": event, "handler": events_url})
+        commands[f"bind_{key}"] = ("event.bind", {"event": event, "handler": events_url})
+    result = call_with_user(
+        admin_user(portal), lambda client, token: client.batch(commands, token=token)
+    )
+    failed = {k: e for k, e in result.errors.items() if k.startswith("bind_")}
+    if failed:
+        key, err = next(iter(failed.items()))
+        raise err
+    return result
+
+
+def portal_update(portal: Portal, *, application_token: str) -> Portal:
+    with transaction.atomic():
+        portal = Portal.objects.select_for_update().get(pk=portal.pk)
+        if application_token:
+            portal.application_token = application_token
+        portal.state = Portal.State.ACTIVE
+        portal.state_reason = ""
+        portal.save()
+    return portal
+
+
+def portal_uninstall(portal: Portal, *, clean: bool) -> None:
+    """Delete every stored token of the portal at once; with CLEAN=1 delete all its data."""
+    with transaction.atomic():
+        PortalUser.objects.filter(portal=portal).update(
+            access_token="",
+            refresh_token="",
+            expires_at=None,
+            state=PortalUser.State.NEEDS_REOPEN,
+            state_reason="the app was uninstalled",
+        )
+        Portal.objects.filter(pk=portal.pk).update(
+            application_token="",
+            state=Portal.State.UNINSTALLED,
+            state_reason="uninstalled" + (" with data" if clean else ""),
+        )
+        portal_uninstalled.send(sender=Portal, portal=portal, clean=clean)
+        if clean:
+            Portal.objects.filter(pk=portal.pk).delete()

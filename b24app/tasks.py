@@ -1,0 +1,40 @@
+"""Portal lifecycle work that must not run inside an event request.
+
+Each task loads the portal by id and calls a service. Why the retry policy is safe: binding is
+idempotent (unbind, then bind, in one batch), so a retry after a rate limit or outage can only
+converge; permanent failures (dead tokens, uninstalled portal) are recorded and not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from celery import shared_task
+
+from b24app import services
+from b24app.bitrix.errors import RateLimited, TransientError
+from b24app.models import Portal
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="b24app.bind_handlers", bind=True, max_retries=8, acks_late=True)
+def bind_handlers(self, *, portal_id: int) -> str:  # type: ignore[no-untyped-def]
+    portal = Portal.objects.filter(pk=portal_id).first()
+    if portal is None or not portal.is_active:
+        return "skipped: portal gone or not active"
+    try:
+        services.portal_bind_handlers(portal)
+    except TransientError as exc:
+        delay = exc.retry_after if isinstance(exc, RateLimited) else 2**self.request.retries
+        raise self.retry(countdown=min(300, delay + random.uniform(0, 1 + delay))) from None
+    except (services.ReopenRequired, services.ReinstallRequired) as exc:
+        log.warning("portal %s: cannot bind handlers: %s", portal.member_id, exc)
+        return f"failed: {exc}"
+    return "bound"
+
+
+@shared_task(name="b24app.prune_call_log", acks_late=True)
+def prune_call_log() -> int:
+    return services.prune_call_log()

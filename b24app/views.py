@@ -1,0 +1,184 @@
+"""The Bitrix24-facing entry points: installer, app page and event handler.
+
+Views parse and verify (b24app.frame), call a service, and answer. Bitrix24's POSTs carry no CSRF
+token, so these three views (and only these) are CSRF-exempt; they are authenticated by the
+OAuth server and the application_token instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+from django.utils import translation
+from django.views.decorators.clickjacking import xframe_options_exempt
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_http_methods
+
+from b24app import frame, services, tasks
+from b24app.bitrix.errors import BitrixError, TransientError
+from b24app.models import Portal
+
+log = logging.getLogger(__name__)
+
+
+def refusal(exc: frame.Refused) -> HttpResponse:
+    return HttpResponse(
+        exc.message + "\n", status=exc.status, content_type="text/plain; charset=utf-8"
+    )
+
+
+def framed(request: HttpRequest, response: HttpResponse, portal_origin: str | None) -> HttpResponse:
+    """Let the verified portal (and only it) frame this page; scripts only with our nonce."""
+    ancestors = f"'self' {portal_origin}" if portal_origin else "'self'"
+    nonce = getattr(request, "csp_nonce", "")
+    response["Content-Security-Policy"] = (
+        f"frame-ancestors {ancestors}; default-src 'self'; "
+        f"script-src 'self' 'nonce-{nonce}' https://api.bitrix24.com; "
+        "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'"
+    )
+    response["Referrer-Policy"] = "no-referrer"
+    return response
+
+
+def _describe(request: HttpRequest, what: str) -> HttpResponse:
+    """GET/HEAD on a handler URL (the vendor console checks them with HEAD)."""
+    return HttpResponse(
+        f"Flow Pins {what}. Bitrix24 opens this address with a POST.\n",
+        content_type="text/plain; charset=utf-8",
+    )
+
+
+def entry(
+    what: str,
+) -> Callable[[Callable[[HttpRequest], HttpResponse]], Callable[[HttpRequest], HttpResponse]]:
+    def wrap(view: Callable[[HttpRequest], HttpResponse]) -> Callable[[HttpRequest], HttpResponse]:
+        @csrf_exempt
+        @xframe_options_exempt
+        @require_http_methods(["GET", "HEAD", "POST"])
+        def wrapped(request: HttpRequest) -> HttpResponse:
+            request.csp_nonce = secrets.token_urlsafe(16)  # type: ignore[attr-defined]
+            if request.method != "POST":
+                return _describe(request, what)
+            try:
+                return view(request)
+            except frame.Refused as exc:
+                log.info("refused %s request: %s", what, exc.message)
+                return refusal(exc)
+
+        wrapped.__name__ = view.__name__
+        return wrapped
+
+    return wrap
+
+
+@entry("installer")
+def install(request: HttpRequest) -> HttpResponse:
+    verified = frame.verify_frame_post(request, installing=True)
+    translation.activate(verified.lang)
+    portal = services.portal_install(
+        info=verified.info,
+        server_endpoint=verified.server_endpoint,
+        application_token=verified.application_token,
+        scope=verified.scope,
+    )
+    services.user_tokens_store(
+        portal,
+        verified.user_id,
+        access_token=verified.access_token,
+        refresh_token=verified.refresh_token,
+        expires_in=verified.expires_in,
+        language=verified.lang,
+        is_admin=True,
+    )
+    context: dict[str, Any] = {
+        "portal": portal,
+        "ok": False,
+        "problem": "",
+        "bx24_js": settings.B24_JS_SDK_URL,
+    }
+    try:
+        services.portal_bind_handlers(portal)
+        context["ok"] = True
+    except TransientError as exc:
+        context["problem"] = "busy"
+        context["detail"] = exc.code
+    except (BitrixError, services.ReopenRequired, services.ReinstallRequired) as exc:
+        context["problem"] = "failed"
+        context["detail"] = getattr(exc, "code", str(exc))
+    response = render(request, "b24app/install.html", context, status=200 if context["ok"] else 502)
+    return framed(request, response, portal.origin)
+
+
+@entry("application page")
+def app(request: HttpRequest) -> HttpResponse:
+    verified = frame.verify_frame_post(request, installing=False)
+    portal = Portal.objects.get(member_id=verified.info.member_id)
+    user = services.user_tokens_store(
+        portal,
+        verified.user_id,
+        access_token=verified.access_token,
+        refresh_token=verified.refresh_token,
+        expires_in=verified.expires_in,
+        language=verified.lang,
+    )
+    translation.activate(verified.lang)
+    from flows.views import app_page  # the page users see lives with the flows
+
+    page = app_page(request, portal=portal, user=user, verified=verified)
+    return framed(request, page, portal.origin)
+
+
+@entry("event handler")
+def events(request: HttpRequest) -> HttpResponse:
+    event = frame.verify_event(request)
+    auth = event.auth
+    if event.name == "ONAPPINSTALL":
+        assert event.info is not None or event.portal is not None
+        info = event.info
+        if info is None:  # a matching application_token: vouch for the token anyway
+            info = frame._vouch(
+                auth.get("server_endpoint", ""), auth.get("access_token", ""), event.member_id
+            )
+        portal = services.portal_install(
+            info=info,
+            server_endpoint=auth.get("server_endpoint", ""),
+            application_token=auth.get("application_token", ""),
+            scope=auth.get("scope", ""),
+        )
+        _store_event_tokens(portal, info.user_id, auth)
+        tasks.bind_handlers.delay_on_commit(portal_id=portal.pk)
+    elif event.name == "ONAPPUPDATE":
+        assert event.portal is not None
+        portal = services.portal_update(
+            event.portal, application_token=auth.get("application_token", "")
+        )
+        user_id = event.info.user_id if event.info else _int(auth.get("user_id"))
+        _store_event_tokens(portal, user_id, auth)
+        tasks.bind_handlers.delay_on_commit(portal_id=portal.pk)  # an update drops bindings
+    else:  # ONAPPUNINSTALL: application_token is the only check; no token comes with it
+        assert event.portal is not None
+        services.portal_uninstall(event.portal, clean=event.data.get("CLEAN") in {"1", "Y"})
+    return HttpResponse("ok\n", content_type="text/plain")
+
+
+def _int(value: str | None) -> int | None:
+    return int(value) if value and value.isdigit() else None
+
+
+def _store_event_tokens(portal: Portal, user_id: int | None, auth: dict[str, str]) -> None:
+    if user_id is None or not auth.get("access_token"):
+        return
+    expires_in = float(auth["expires_in"]) if auth.get("expires_in", "").isdigit() else 3600.0
+    services.user_tokens_store(
+        portal,
+        user_id,
+        access_token=auth["access_token"],
+        refresh_token=auth.get("refresh_token", ""),
+        expires_in=expires_in,
+    )

@@ -1,0 +1,219 @@
+"""Per-user tokens, the locked refresh, the shared rate limiter and the REST client, against the
+simulated portal over HTTP with PostgreSQL row locks and Redis."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import requests
+from django.db import close_old_connections, connection
+from django.test import Client
+
+from b24app import services
+from b24app.bitrix import errors
+from b24app.models import Portal, PortalUser, RestCall
+from tests.helpers import install, launch, post_frame, sb, state
+
+pytestmark = [pytest.mark.django_db(transaction=True)]
+
+
+def _profile(user: PortalUser) -> Any:
+    return services.call_with_user(user, lambda c, t: c.call("profile", token=t).result)
+
+
+@pytest.mark.services
+def test_fifty_concurrent_calls_on_an_expired_token_refresh_exactly_once(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    # Room for 100 calls at once on both sides: this test is about the refresh, not the bucket.
+    sb(sandbox, "config", {"portal": "alpha", "rate": 50, "burst": 200})
+    Portal.objects.update(rate_per_second=50, rate_burst=200)
+    admin = PortalUser.objects.get(user_id=1)
+    sb(sandbox, "p/alpha/expire", {"user_id": 1})
+    before = state(sandbox)["counters"]["refresh_ok"]
+    barrier = threading.Barrier(50)
+
+    def worker(_: int) -> Any:
+        try:
+            user = PortalUser.objects.get(pk=admin.pk)
+            barrier.wait(timeout=30)
+            return _profile(user)
+        finally:
+            connection.close()
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        results = list(pool.map(worker, range(50)))
+    close_old_connections()
+    assert all(r["ID"] == "1" for r in results)  # all 50 succeeded, as user 1
+    truth = state(sandbox)["counters"]
+    assert truth["refresh_ok"] - before == 1
+    assert truth["refresh_failed"] == 0
+    assert PortalUser.objects.get(pk=admin.pk).state == PortalUser.State.ACTIVE
+
+
+def test_a_passed_expiry_refreshes_before_the_call(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    PortalUser.objects.filter(user_id=1).update(expires_at=None)
+    assert _profile(PortalUser.objects.get(user_id=1))["ID"] == "1"
+    counters = state(sandbox)["counters"]
+    assert counters["refresh_ok"] == 1
+    assert counters["errors"].get("expired_token", 0) == 0  # no wasted call
+
+
+def test_a_dead_refresh_token_asks_the_user_to_reopen_and_stops(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200
+    user = PortalUser.objects.get(user_id=2)
+    # Someone else used the refresh token (rotation kills it), and the access token expired.
+    used = requests.post(
+        f"{sandbox.url}/oauth/token/",
+        data={
+            "grant_type": "refresh_token",
+            "client_id": "local.sandbox0000000001",
+            "client_secret": "sandbox-client-secret",
+            "refresh_token": user.refresh_token,
+        },
+        timeout=5,
+    )
+    assert used.status_code == 200
+    with pytest.raises(services.ReopenRequired):
+        _profile(user)
+    user.refresh_from_db()
+    assert user.state == PortalUser.State.NEEDS_REOPEN
+    assert "invalid_grant" in user.state_reason
+    assert user.access_token == "" and user.refresh_token == ""
+    calls = state(sandbox)["counters"]["requests"]
+    with pytest.raises(services.ReopenRequired):  # no further REST or OAuth traffic
+        _profile(user)
+    assert state(sandbox)["counters"]["requests"] == calls
+    # Opening the app again brings fresh tokens and the user is back.
+    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200
+    assert _profile(PortalUser.objects.get(user_id=2))["ID"] == "2"
+
+
+def test_payment_required_marks_the_portal_for_the_admin(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    sb(sandbox, "config", {"portal": "alpha", "payment_expired": True})
+    sb(sandbox, "p/alpha/expire", {})
+    with pytest.raises(services.ReinstallRequired):
+        _profile(PortalUser.objects.get(user_id=1))
+    assert Portal.objects.get().state == Portal.State.NEEDS_REINSTALL
+
+
+@pytest.mark.services
+def test_a_burst_of_200_calls_never_meets_a_503_and_spares_other_portals(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox, "alpha")
+    install(client, sandbox, "beta")
+    # A scaled-down limit so the test takes seconds: 40 requests/s, burst 10, on both sides.
+    sb(sandbox, "config", {"portal": "alpha", "rate": 40, "burst": 10})
+    Portal.objects.filter(member_id=state(sandbox, "alpha")["member_id"]).update(
+        rate_per_second=40, rate_burst=10
+    )
+    alpha = PortalUser.objects.get(portal__member_id=state(sandbox, "alpha")["member_id"])
+    beta = PortalUser.objects.get(portal__member_id=state(sandbox, "beta")["member_id"])
+    beta_latency: list[float] = []
+    stop = threading.Event()
+
+    def beta_calls() -> None:
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                _profile(PortalUser.objects.get(pk=beta.pk))
+                beta_latency.append(time.monotonic() - started)
+                time.sleep(0.2)
+        finally:
+            connection.close()
+
+    def alpha_call(_: int) -> Any:
+        try:
+            return services.call_with_user(
+                PortalUser.objects.get(pk=alpha.pk),
+                lambda c, t: c.call("profile", token=t).result,
+                max_wait=30,
+            )
+        finally:
+            connection.close()
+
+    side = threading.Thread(target=beta_calls)
+    side.start()
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(alpha_call, range(200)))
+    elapsed = time.monotonic() - started
+    stop.set()
+    side.join()
+    close_old_connections()
+    assert len(results) == 200 and all(r["ID"] == "1" for r in results)
+    assert state(sandbox, "alpha")["counters"]["http_503"] == 0
+    assert state(sandbox, "beta")["counters"]["http_503"] == 0
+    assert elapsed >= (200 - 10) / 40 * 0.9  # it really was paced by the bucket
+    assert beta_latency and max(beta_latency) < 1.0  # beta never waited on alpha's bucket
+
+
+def test_a_renamed_portal_is_followed_and_remembered(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    sb(sandbox, "p/alpha/rename", {"new_name": "alpha2"})
+    assert _profile(PortalUser.objects.get(user_id=1))["ID"] == "1"
+    portal = Portal.objects.get()
+    assert "/p/alpha2/rest/" in portal.client_endpoint
+    assert RestCall.objects.filter(error="MOVED").count() == 1
+
+
+def test_operation_time_limit_pauses_the_method_until_reset(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    sb(sandbox, "config", {"portal": "alpha", "operating_cost": 5, "operating_limit": 4})
+    user = PortalUser.objects.get(user_id=1)
+    _profile(user)  # consumes 5 s of "operating time": over the limit of 4
+    with pytest.raises(errors.OperationTimeLimit) as first:
+        _profile(user)
+    assert first.value.reset_at > time.time()
+    calls = state(sandbox)["counters"]["requests"]
+    with pytest.raises(errors.OperationTimeLimit):
+        _profile(user)  # paused locally: the portal is not asked again
+    assert state(sandbox)["counters"]["requests"] == calls
+    # Other methods are not paused.
+    result = services.call_with_user(user, lambda c, t: c.call("app.info", token=t).result)
+    assert "INSTALLED" in result
+
+
+def test_rest_call_metadata_is_kept_without_secrets(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    _profile(PortalUser.objects.get(user_id=1))
+    rows = list(RestCall.objects.values_list("member_id", "method", "http_status", "error"))
+    assert ("profile" in [r[1] for r in rows]) and ("batch" in [r[1] for r in rows])
+    assert all(r[0] == state(sandbox)["member_id"] for r in rows)
+    user = PortalUser.objects.get(user_id=1)
+    dump = repr(list(RestCall.objects.values()))
+    assert user.access_token not in dump and user.refresh_token not in dump
+
+
+def test_no_secret_reaches_the_logs(sandbox: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = Client()
+    launched = launch(sandbox, "alpha", 1, installer=True)
+    installed = post_frame(client, launched)
+    assert installed.status_code == 200, installed.content.decode()[-600:]
+    sb(sandbox, "p/alpha/expire", {})
+    _profile(PortalUser.objects.get(user_id=1))
+    refused = post_frame(client, launch(sandbox, "alpha", 1), APPLICATION_TOKEN="forged-app-tok")
+    assert refused.status_code == 403  # and the refusal is logged
+    user = PortalUser.objects.get(user_id=1)
+    secrets = [
+        launched["form"]["AUTH_ID"],
+        launched["form"]["REFRESH_ID"],
+        user.access_token,
+        user.refresh_token,
+        state(sandbox)["application_token"],
+        "sandbox-client-secret",
+    ]
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert caplog.records  # something was logged at all
+    for secret in secrets:
+        assert secret, secrets.index(secret)
+        assert secret not in text
