@@ -1,0 +1,89 @@
+"""Flows learnt per portal, and each user's pin intent with what the portal last answered."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+from b24app.models import Portal
+
+
+class Flow(models.Model):
+    """A flow the app has learnt about on a portal (from Flow.list, a task, or a user)."""
+
+    class Source(models.TextChoices):
+        LIST = "list", "tasks.flow.Flow.list"
+        TASK = "task", "a visible task"
+        USER = "user", "added by a user"
+
+    portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="flows")
+    flow_id = models.PositiveIntegerField()
+    name = models.CharField(max_length=500, blank=True, default="")
+    active = models.BooleanField(default=True)
+    efficiency = models.IntegerField(null=True, blank=True)
+    source = models.CharField(max_length=8, choices=Source.choices, default=Source.LIST)
+    learned_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["portal", "flow_id"], name="flow_unique_per_portal"),
+        ]
+
+    def __str__(self) -> str:
+        return f"flow {self.flow_id} {self.name!r}"
+
+
+class PinIntent(models.Model):
+    """What one user wants for one flow, and what Bitrix24 last said about it.
+
+    `tasks.flow.Flow.pin` is a toggle whose boolean answer is the only way to read the state, so
+    a click writes `desired` (and bumps `seq`); workers call pin while `observed` differs from
+    `desired`, recording every answer. `observed` is None when unknown (never asked, or an answer
+    was lost after the toggle may have been applied).
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "pending"
+        DONE = "done", "done"
+        FAILED = "failed", "failed"
+
+    class Problem(models.TextChoices):
+        NONE = "", "none"
+        DENIED = "denied", "you can no longer see this flow"
+        RATE_LIMITED = "rate_limited", "waiting for Bitrix24 (rate limit)"
+        UNAVAILABLE = "unavailable", "Bitrix24 is not answering; retrying"
+        REOPEN = "reopen", "please reopen the app"
+        REINSTALL = "reinstall", "the app must be reinstalled"
+        GAVE_UP = "gave_up", "could not confirm the state"
+
+    portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="pin_intents")
+    user_id = models.PositiveIntegerField()
+    flow_id = models.PositiveIntegerField()
+    desired = models.BooleanField()
+    seq = models.PositiveIntegerField(default=0)  # bumped by every click
+    observed = models.BooleanField(null=True)
+    observed_at = models.DateTimeField(null=True, blank=True)
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    problem = models.CharField(max_length=16, choices=Problem.choices, blank=True, default="")
+    toggles = models.PositiveIntegerField(default=0)  # pin calls made for the current seq
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["portal", "user_id", "flow_id"], name="one_intent_per_user_flow"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "updated_at"]),
+            models.Index(fields=["portal", "user_id", "status"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"user {self.user_id} flow {self.flow_id}: want {self.desired}, saw {self.observed}"
+
+    @property
+    def converged(self) -> bool:
+        return self.observed is not None and self.observed == self.desired

@@ -1,0 +1,386 @@
+"""Decide and write: the flows a user sees (with a short-lived snapshot), pin intents, and the
+convergence of a user's pins to their intents.
+
+`tasks.flow.Flow.pin` toggles, and its boolean answer is the only way to read the state. So a
+click only records the desired state; `converge_user` calls pin while the last answer differs
+from the latest desired state, records every answer, and never "pins again to be safe". A lost
+answer makes the state unknown (None) — the next answer tells the truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from b24app import services as portal_services
+from b24app.bitrix.client import BATCH_LIMIT
+from b24app.bitrix.errors import (
+    AccessDenied,
+    BadRequest,
+    BitrixError,
+    MethodNotFound,
+    OperationTimeLimit,
+    PortalGone,
+    RateLimited,
+    ResponseLost,
+    TransientError,
+)
+from b24app.bitrix.ratelimit import redis_client
+from b24app.models import Portal, PortalUser
+from flows import remote
+from flows.models import Flow, PinIntent
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_TTL = 600  # seconds a snapshot may be shown at all
+SNAPSHOT_FRESH = 20  # seconds before a shown snapshot triggers a background refresh
+MAX_TOGGLES = 6  # pin calls for one click before we stop and say so
+LOCK_TTL_MS = 120_000
+
+
+# --- the flows a user sees --------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    flows: list[dict[str, Any]]
+    fetched_at: float
+    source: str  # "list" or "tasks" (older portals)
+
+    @property
+    def age(self) -> float:
+        return time.time() - self.fetched_at
+
+
+def _snapshot_key(portal: Portal, user_id: int) -> str:
+    return f"fp:snap:{portal.pk}:{user_id}"
+
+
+def snapshot_get(portal: Portal, user_id: int) -> Snapshot | None:
+    raw = redis_client().get(_snapshot_key(portal, user_id))
+    if raw is None:
+        return None
+    import json
+
+    data = json.loads(raw)
+    return Snapshot(flows=data["flows"], fetched_at=data["fetched_at"], source=data["source"])
+
+
+def _snapshot_put(portal: Portal, user_id: int, snap: Snapshot) -> None:
+    import json
+
+    redis_client().set(_snapshot_key(portal, user_id), json.dumps(asdict(snap)), ex=SNAPSHOT_TTL)
+
+
+def _remember(portal: Portal, flows: Iterable[remote.FlowInfo], source: str) -> None:
+    """Remember flows learnt per portal, so a known flow without a visible task is not lost."""
+    for info in flows:
+        Flow.objects.update_or_create(
+            portal=portal,
+            flow_id=info.flow_id,
+            defaults={
+                "name": info.name[:500],
+                "active": info.active,
+                "efficiency": info.efficiency,
+            },
+            create_defaults={
+                "name": info.name[:500],
+                "active": info.active,
+                "efficiency": info.efficiency,
+                "source": source,
+            },
+        )
+
+
+def flows_fetch(portal: Portal, user: PortalUser) -> Snapshot:
+    """Ask the portal which flows this user sees: one call per 50 flows.
+
+    Flow.list where the portal has it; on older portals, the flow ids of the user's tasks plus
+    every flow this portal is known to have, read with Flow.get in batches of 50 (a flow the user
+    cannot see answers "access denied" and is left out).
+    """
+
+    def fetch(client: Any, token: str) -> Snapshot:
+        try:
+            found = remote.flow_list(client, token)
+            _remember(portal, found, Flow.Source.LIST)
+            return Snapshot([_flow_dict(f) for f in found], time.time(), "list")
+        except MethodNotFound:
+            pass
+        ids = remote.flow_ids_from_tasks(client, token)
+        ids |= set(Flow.objects.filter(portal=portal).values_list("flow_id", flat=True))
+        got, _ = remote.flow_get_many(client, token, ids)
+        _remember(portal, got.values(), Flow.Source.TASK)
+        return Snapshot([_flow_dict(got[i]) for i in sorted(got)], time.time(), "tasks")
+
+    snap = portal_services.call_with_user(user, fetch, max_wait=3.0)
+    _snapshot_put(portal, user.user_id, snap)
+    return snap
+
+
+def _flow_dict(info: remote.FlowInfo) -> dict[str, Any]:
+    return {
+        "id": info.flow_id,
+        "name": info.name,
+        "active": info.active,
+        "efficiency": info.efficiency,
+    }
+
+
+def flow_add_by_id(portal: Portal, user: PortalUser, flow_id: int) -> remote.FlowInfo:
+    """A user adds a flow by its id or link: read it as that user (proves they can see it)."""
+
+    def get(client: Any, token: str) -> remote.FlowInfo:
+        found, failed = remote.flow_get_many(client, token, [flow_id])
+        if flow_id in failed:
+            raise failed[flow_id]
+        return found[flow_id]
+
+    info = portal_services.call_with_user(user, get, max_wait=3.0)
+    Flow.objects.update_or_create(
+        portal=portal,
+        flow_id=info.flow_id,
+        defaults={"name": info.name[:500], "active": info.active, "efficiency": info.efficiency},
+        create_defaults={
+            "name": info.name[:500],
+            "active": info.active,
+            "efficiency": info.efficiency,
+            "source": Flow.Source.USER,
+        },
+    )
+    snap = snapshot_get(portal, user.user_id)
+    if snap is not None and all(f["id"] != info.flow_id for f in snap.flows):
+        snap.flows.append(_flow_dict(info))
+        _snapshot_put(portal, user.user_id, snap)
+    return info
+
+
+# --- intents ----------------------------------------------------------------------------------
+
+
+def pin_intent_set(
+    portal: Portal, user_id: int, flow_ids: list[int], desired: bool
+) -> list[PinIntent]:
+    """Record the user's click(s): the latest intent wins. Returns the intents."""
+    intents: list[PinIntent] = []
+    with transaction.atomic():
+        for fid in flow_ids:
+            intent, created = PinIntent.objects.select_for_update().get_or_create(
+                portal=portal, user_id=user_id, flow_id=fid, defaults={"desired": desired}
+            )
+            intent.desired = desired
+            intent.seq += 1
+            intent.toggles = 0
+            intent.problem = ""
+            intent.status = PinIntent.Status.DONE if intent.converged else PinIntent.Status.PENDING
+            intent.save()
+            intents.append(intent)
+    return intents
+
+
+def cancel_portal_work(portal: Portal) -> int:
+    return PinIntent.objects.filter(portal=portal, status=PinIntent.Status.PENDING).update(
+        status=PinIntent.Status.FAILED, problem=PinIntent.Problem.REINSTALL
+    )
+
+
+# --- convergence ------------------------------------------------------------------------------
+
+
+class Busy(Exception):
+    """Another worker is converging this user's pins right now."""
+
+
+class RetryLater(Exception):
+    def __init__(self, delay: float, reason: str) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class _Lock:
+    """A Redis lock per (portal, user): one converger at a time, so answers are never mixed."""
+
+    def __init__(self, portal_id: int, user_id: int) -> None:
+        self.key = f"fp:conv:{portal_id}:{user_id}"
+        self.token = uuid.uuid4().hex
+
+    def __enter__(self) -> _Lock:
+        if not redis_client().set(self.key, self.token, nx=True, px=LOCK_TTL_MS):
+            raise Busy(self.key)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        script = (
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then "
+            "return redis.call('DEL', KEYS[1]) else return 0 end"
+        )
+        redis_client().eval(script, 1, self.key, self.token)
+
+
+def _record_answers(answers: dict[int, bool | None], pending: dict[int, PinIntent]) -> None:
+    """Write what the portal said. Only observation fields: a click in between keeps its intent.
+
+    An answer counts toward MAX_TOGGLES; a lost one (None) does not — it is an outage, retried
+    with backoff, not a sign that the state will not settle.
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        for fid, observed in answers.items():
+            counted = F("toggles") + 1 if observed is not None else F("toggles")
+            PinIntent.objects.filter(pk=pending[fid].pk).update(
+                observed=observed, observed_at=now, toggles=counted
+            )
+
+
+def _finish(intent_ids: list[int], status: str, problem: str) -> None:
+    if intent_ids:
+        PinIntent.objects.filter(pk__in=intent_ids, status=PinIntent.Status.PENDING).update(
+            status=status, problem=problem
+        )
+
+
+def _mark_problem(intent_ids: list[int], problem: str) -> None:
+    PinIntent.objects.filter(pk__in=intent_ids, status=PinIntent.Status.PENDING).update(
+        problem=problem
+    )
+
+
+def converge_user(portal_id: int, user_id: int, *, max_rounds: int = 40) -> dict[str, int]:
+    """Bring every pending pin of one user in line with their intents.
+
+    Each round takes what is pending (at most 50), marks the converged ones done, and toggles the
+    others in one request (a batch when there are several). Answers are recorded by flow id;
+    whatever still differs goes round again. Raises RetryLater for rate limits and outages.
+    """
+    stats = {"rounds": 0, "toggles": 0, "done": 0, "failed": 0}
+    portal = Portal.objects.filter(pk=portal_id).first()
+    user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
+    if portal is None or user is None:
+        return stats
+    with _Lock(portal_id, user_id):
+        for _ in range(max_rounds):
+            pending = list(
+                PinIntent.objects.filter(
+                    portal_id=portal_id,
+                    user_id=user_id,
+                    status=PinIntent.Status.PENDING,
+                ).order_by("updated_at", "pk")[: BATCH_LIMIT * 4]
+            )
+            done = [i.pk for i in pending if i.converged]
+            _finish(done, PinIntent.Status.DONE, "")
+            stats["done"] += len(done)
+            exhausted = [i.pk for i in pending if not i.converged and i.toggles >= MAX_TOGGLES]
+            _finish(exhausted, PinIntent.Status.FAILED, PinIntent.Problem.GAVE_UP)
+            stats["failed"] += len(exhausted)
+            todo = {i.flow_id: i for i in pending if not i.converged and i.toggles < MAX_TOGGLES}
+            if not todo:
+                return stats
+            chunk = dict(list(todo.items())[:BATCH_LIMIT])
+            stats["rounds"] += 1
+            _toggle_round(portal, user, chunk, stats)
+    raise RetryLater(0.5, "more pins than one run converges")
+
+
+def _toggle_round(
+    portal: Portal, user: PortalUser, chunk: dict[int, PinIntent], stats: dict[str, int]
+) -> None:
+    ids = list(chunk)
+    pks = [i.pk for i in chunk.values()]
+
+    def toggle(client: Any, token: str) -> dict[int, bool | BitrixError]:
+        if len(ids) > 1:
+            return remote.pin_toggle_many(client, token, ids)
+        try:
+            return {ids[0]: remote.pin_toggle(client, token, ids[0])}
+        except (AccessDenied, BadRequest, MethodNotFound) as exc:  # this flow's own answer
+            return {ids[0]: exc}
+
+    try:
+        answers = portal_services.call_with_user(user, toggle, max_wait=5.0)
+    except portal_services.ReopenRequired:
+        _finish(
+            _pending_pks(portal.pk, user.user_id), PinIntent.Status.FAILED, PinIntent.Problem.REOPEN
+        )
+        stats["failed"] += len(pks)
+        raise RetryLater(-1, "reopen") from None
+    except portal_services.ReinstallRequired:
+        _finish(
+            _pending_pks(portal.pk, user.user_id),
+            PinIntent.Status.FAILED,
+            PinIntent.Problem.REINSTALL,
+        )
+        raise RetryLater(-1, "reinstall") from None
+    except RateLimited as exc:
+        _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
+        raise RetryLater(exc.retry_after, "rate limited") from None
+    except OperationTimeLimit as exc:
+        _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
+        raise RetryLater(max(1.0, exc.reset_at - time.time()), "operating time limit") from None
+    except ResponseLost:
+        # The toggles may or may not have happened: the state is unknown until the next answer.
+        _record_answers({fid: None for fid in ids}, chunk)
+        _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
+        raise RetryLater(1.0, "answer lost") from None
+    except TransientError:
+        _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
+        raise RetryLater(2.0, "portal unavailable") from None
+    except PortalGone:
+        portal_services.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
+        _finish(
+            _pending_pks(portal.pk, user.user_id),
+            PinIntent.Status.FAILED,
+            PinIntent.Problem.REINSTALL,
+        )
+        raise RetryLater(-1, "reinstall") from None
+    except BitrixError as exc:  # permanent, for the whole request
+        log.warning("pin request failed permanently: %s", exc.code)
+        _finish(pks, PinIntent.Status.FAILED, PinIntent.Problem.GAVE_UP)
+        stats["failed"] += len(pks)
+        return
+
+    observed: dict[int, bool | None] = {}
+    denied: list[int] = []
+    transient_failure = False
+    for fid, answer in answers.items():
+        if isinstance(answer, bool):
+            observed[fid] = answer
+            stats["toggles"] += 1
+        elif isinstance(answer, AccessDenied):
+            denied.append(chunk[fid].pk)
+        elif isinstance(answer, TransientError):
+            transient_failure = True  # not executed (or unknown): try again next round
+        else:
+            denied.append(chunk[fid].pk)
+            log.warning("pin of flow %s failed permanently: %s", fid, answer.code)
+    if observed:
+        _record_answers(observed, chunk)
+    if denied:
+        _finish(denied, PinIntent.Status.FAILED, PinIntent.Problem.DENIED)
+        stats["failed"] += len(denied)
+    if transient_failure and not observed:
+        raise RetryLater(2.0, "sub-commands failed")
+
+
+def _pending_pks(portal_id: int, user_id: int) -> list[int]:
+    return list(
+        PinIntent.objects.filter(
+            portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
+        ).values_list("pk", flat=True)
+    )
+
+
+def pending_users() -> list[tuple[int, int]]:
+    """Every (portal, user) with work left: what a restarted worker picks up again."""
+    return list(
+        PinIntent.objects.filter(status=PinIntent.Status.PENDING)
+        .values_list("portal_id", "user_id")
+        .distinct()
+    )

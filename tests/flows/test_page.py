@@ -1,0 +1,118 @@
+"""The page users see inside Bitrix24: their flows, escaped, in their language, framable by
+their portal only, at most one REST call per 50 flows, and a snapshot that renders at once."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from b24app.bitrix.ratelimit import redis_client
+from b24app.models import Portal
+from flows.models import Flow, PinIntent
+from flows.services import _snapshot_key
+from tests.helpers import install, launch, post_frame, sb, state
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def open_app(
+    client: Client, sandbox: Any, user_id: int, portal: str = "alpha", lang: str = "en"
+) -> Any:
+    response = post_frame(client, launch(sandbox, portal, user_id, lang=lang))
+    assert response.status_code == 200, response.content[:400]
+    return response
+
+
+def shown_flow_ids(response: Any) -> list[int]:
+    return [int(x) for x in re.findall(r'data-flow-id="(\d+)"', response.content.decode())]
+
+
+def visible_to(sandbox: Any, user_id: int) -> set[int]:
+    return {f["id"] for f in state(sandbox)["flows"] if user_id in f["visible_to"]}
+
+
+def test_each_user_sees_exactly_the_flows_bitrix24_shows_them(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    for user_id in (1, 2, 3, 4):
+        shown = set(shown_flow_ids(open_app(client, sandbox, user_id)))
+        assert shown == visible_to(sandbox, user_id), user_id
+    assert visible_to(sandbox, 2) != visible_to(sandbox, 3)
+
+
+def test_flow_names_with_markup_render_as_text_and_the_frame_is_locked_to_the_portal(
+    sandbox: Any,
+) -> None:
+    client = Client()
+    install(client, sandbox)
+    response = open_app(client, sandbox, 1)
+    html = response.content.decode()
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;b&gt;" in html and "<b>Bold" not in html
+    csp = response["Content-Security-Policy"]
+    assert "frame-ancestors 'self' " + state(sandbox)["client_endpoint"].split("/p/")[0] in csp
+    assert "script-src 'self' 'nonce-" in csp and "unsafe-inline" not in csp.split("style-src")[0]
+    assert "X-Frame-Options" not in response
+    assert "Set-Cookie" not in response  # nothing in the frame depends on a third-party cookie
+
+
+def test_the_page_speaks_russian_and_english(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    ru = open_app(client, sandbox, 2, lang="ru").content.decode()
+    assert "Закрепить" in ru and "Поиск потоков" in ru and ">Pin<" not in ru
+    en = open_app(client, sandbox, 2, lang="en").content.decode()
+    assert ">Pin<" in en and "Закрепить" not in en
+    fallback = open_app(client, sandbox, 2, lang="de").content.decode()
+    assert ">Pin<" in fallback
+
+
+def test_one_rest_call_per_50_flows_then_the_snapshot_renders_without_any(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    sb(sandbox, "p/alpha/flows", {"count": 120, "visible_to_all": True})
+    before = state(sandbox)["counters"]["calls"].get("tasks.flow.Flow.list", 0)
+    first = open_app(client, sandbox, 2)
+    calls = state(sandbox)["counters"]["calls"].get("tasks.flow.Flow.list", 0) - before
+    total = len(visible_to(sandbox, 2))
+    assert total > 120 and len(shown_flow_ids(first)) == total
+    assert calls == total // 50 + 1  # pages of 50 until a short page
+    second = open_app(client, sandbox, 2)
+    assert state(sandbox)["counters"]["calls"].get("tasks.flow.Flow.list", 0) - before == calls
+    assert shown_flow_ids(second) == shown_flow_ids(first)
+
+
+def test_older_portals_without_flow_list_learn_flows_from_tasks_and_memory(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    open_app(client, sandbox, 1)  # the admin's list teaches the app every flow of the portal
+    assert Flow.objects.count() == len(state(sandbox)["flows"])
+    sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})
+    redis_client().delete(_snapshot_key(Portal.objects.get(), 2))  # a fresh render for user 2
+    response = open_app(client, sandbox, 2)
+    assert set(shown_flow_ids(response)) == visible_to(sandbox, 2)
+    counters = state(sandbox)["counters"]["calls"]
+    assert counters.get("tasks.task.list", 0) >= 1
+    assert counters.get("tasks.flow.Flow.get", 0) >= 1  # read inside batch calls
+
+
+def test_pinned_flows_come_first(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    ids = shown_flow_ids(open_app(client, sandbox, 2))
+    last = ids[-1]
+    PinIntent.objects.create(
+        portal=Portal.objects.get(),
+        user_id=2,
+        flow_id=last,
+        desired=True,
+        observed=True,
+        status=PinIntent.Status.DONE,
+    )
+    reordered = shown_flow_ids(open_app(client, sandbox, 2))
+    assert reordered[0] == last
+    assert ">Unpin<" in open_app(client, sandbox, 2).content.decode()
