@@ -7,7 +7,7 @@ import logging
 import redis
 from django.conf import settings
 from django.db import connection
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_GET
 
 log = logging.getLogger(__name__)
@@ -47,3 +47,9 @@ def healthz(request: HttpRequest) -> JsonResponse:
             status=503,
         )
     return JsonResponse({"status": "ok", "database": "ok", "broker": "ok"})
+
+
+@require_GET
+def ping(request: HttpRequest) -> HttpResponse:
+    """Liveness only: no database, no broker. Also the bare baseline of the benchmarks."""
+    return HttpResponse("ok\n", content_type="text/plain")

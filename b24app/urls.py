@@ -5,6 +5,7 @@ from b24app import health
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
+    path("ping", health.ping, name="ping"),
     path("admin/", admin.site.urls),
     path("b24/", include("b24app.b24urls")),
     path("flows/", include("flows.urls")),
