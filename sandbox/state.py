@@ -345,6 +345,8 @@ _ALPHA_USERS = [
     User(2, "Борис", "Продажин", departments=[10], gender="M"),
     User(3, "Carol", "Support", departments=[20], gender="F"),
     User(4, "Дмитрий", "Внешний", extranet=True, gender="M"),
+    User(5, "Елена", "Маркетова", departments=[21], gender="F"),
+    User(6, "Frank", "Field", departments=[], gender="M"),
 ]
 
 _BETA_USERS = [
@@ -352,6 +354,8 @@ _BETA_USERS = [
     User(2, "Пётр", "Иванов", departments=[10], gender="M"),
     User(3, "Jane", "Doe", departments=[20], gender="F"),
     User(4, "Гость", "Подрядчик", extranet=True, gender="M"),
+    User(5, "Ольга", "Смирнова", departments=[21], gender="F"),
+    User(6, "Mark", "Twain", departments=[], gender="M"),
 ]
 
 # id, name, access codes, active, efficiency, group, owner, creator, distribution, demo
@@ -512,7 +516,13 @@ def seed_portal(seed_name: str) -> Portal:
     else:
         rng = random.Random(seed_name)  # noqa: S311 - deterministic test data
         users = {1: replace(_ALPHA_USERS[0], departments=[1])}
-        for uid, dept, extranet in ((2, [10], False), (3, [20], False), (4, [], True)):
+        for uid, dept, extranet in (
+            (2, [10], False),
+            (3, [20], False),
+            (4, [], True),
+            (5, [20], False),
+            (6, [], False),
+        ):
             users[uid] = User(
                 uid,
                 rng.choice(_GEN_FIRST),

@@ -218,10 +218,10 @@ def test_reset_config_and_pins_control(sb: SandboxClient) -> None:
 def test_seed_data_shape(sb: SandboxClient) -> None:
     alpha, beta = sb.state("alpha"), sb.state("beta")
     assert alpha["member_id"] != beta["member_id"] and len(alpha["member_id"]) == 32
-    assert [u["id"] for u in alpha["users"]] == [1, 2, 3, 4]
+    assert [u["id"] for u in alpha["users"]] == [1, 2, 3, 4, 5, 6]
     assert alpha["users"][0]["admin"] is True and alpha["users"][0]["name"] == "Анна"
     flows = {f["id"]: f for f in alpha["flows"]}
-    assert len(flows) == 10 and flows[101]["visible_to"] == [1, 2, 3]
+    assert len(flows) == 10 and flows[101]["visible_to"] == [1, 2, 3, 5, 6]
     assert flows[102]["visible_to"] == [1, 3, 4] and flows[106]["visible_to"] == [1, 3]
     assert any("<script>" in f["name"] for f in alpha["flows"])
     assert any(not f["active"] for f in alpha["flows"])
