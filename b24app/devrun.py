@@ -210,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
                 "worker",
                 "--loglevel",
                 "INFO",
-                "--concurrency",
-                "2",
                 "--queues",
                 "flowpins",
             ],

@@ -136,7 +136,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
     if options_raw:
         try:
             parsed = json.loads(options_raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
             raise Refused(400, "PLACEMENT_OPTIONS is not valid JSON.") from None
         if not isinstance(parsed, dict):
             raise Refused(400, "PLACEMENT_OPTIONS must be a JSON object.")

@@ -19,12 +19,16 @@ from django.utils import translation
 from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_http_methods
+from redis.exceptions import RedisError
 
 from b24app import frame, services, tasks
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal
 
 log = logging.getLogger(__name__)
+
+
+UNAVAILABLE = "Flow Pins is briefly unavailable (its queue is down); try again in a minute."
 
 
 def refusal(exc: frame.Refused) -> HttpResponse:
@@ -70,6 +74,9 @@ def entry(
             except frame.Refused as exc:
                 log.info("refused %s request: %s", what, exc.message)
                 return refusal(exc)
+            except RedisError:  # the cache, the shared rate limit and the queue live in Redis
+                log.warning("%s request: Redis is not answering", what)
+                return refusal(frame.Refused(503, UNAVAILABLE))
 
         wrapped.__name__ = view.__name__
         return wrapped

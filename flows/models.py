@@ -78,7 +78,7 @@ class PinIntent(models.Model):
         ]
         indexes = [
             models.Index(fields=["status", "updated_at"]),
-            models.Index(fields=["portal", "user_id", "status"]),
+            models.Index(fields=["portal", "user_id", "status", "updated_at"]),
         ]
 
     def __str__(self) -> str:

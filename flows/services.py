@@ -44,6 +44,10 @@ SNAPSHOT_TTL = 600  # seconds a snapshot may be shown at all
 SNAPSHOT_FRESH = 20  # seconds before a shown snapshot triggers a background refresh
 MAX_TOGGLES = 6  # pin calls for one click before we stop and say so
 LOCK_TTL_MS = 120_000
+PENDING_WINDOW = 4 * BATCH_LIMIT  # intents looked at per round
+# A run waits this long at most for the portal's bucket (one slot at the default 2/s); longer,
+# and it steps aside (RetryLater) so its worker serves other portals meanwhile.
+LIMITER_WAIT = 0.6
 
 
 # --- the flows a user sees --------------------------------------------------------------------
@@ -81,22 +85,28 @@ def _snapshot_put(portal: Portal, user_id: int, snap: Snapshot) -> None:
 
 
 def _remember(portal: Portal, flows: Iterable[remote.FlowInfo], source: str) -> None:
-    """Remember flows learnt per portal, so a known flow without a visible task is not lost."""
-    for info in flows:
-        Flow.objects.update_or_create(
+    """Remember flows learnt per portal, so a known flow without a visible task is not lost.
+
+    One upsert statement per call, however many flows (a page render may bring thousands).
+    """
+    rows = [
+        Flow(
             portal=portal,
-            flow_id=info.flow_id,
-            defaults={
-                "name": info.name[:500],
-                "active": info.active,
-                "efficiency": info.efficiency,
-            },
-            create_defaults={
-                "name": info.name[:500],
-                "active": info.active,
-                "efficiency": info.efficiency,
-                "source": source,
-            },
+            flow_id=f.flow_id,
+            name=f.name[:500],
+            active=f.active,
+            efficiency=f.efficiency,
+            source=source,
+        )
+        for f in flows
+    ]
+    if rows:
+        Flow.objects.bulk_create(
+            rows,
+            batch_size=1000,
+            update_conflicts=True,
+            unique_fields=["portal", "flow_id"],
+            update_fields=["name", "active", "efficiency", "updated_at"],
         )
 
 
@@ -169,21 +179,31 @@ def flow_add_by_id(portal: Portal, user: PortalUser, flow_id: int) -> remote.Flo
 def pin_intent_set(
     portal: Portal, user_id: int, flow_ids: list[int], desired: bool
 ) -> list[PinIntent]:
-    """Record the user's click(s): the latest intent wins. Returns the intents."""
-    intents: list[PinIntent] = []
+    """Record the user's click(s): the latest intent wins. Returns the intents.
+
+    Three statements however many flows ("Pin all" may name hundreds): create the missing rows,
+    then set the intent on all of them in one UPDATE.
+    """
     with transaction.atomic():
-        for fid in flow_ids:
-            intent, created = PinIntent.objects.select_for_update().get_or_create(
-                portal=portal, user_id=user_id, flow_id=fid, defaults={"desired": desired}
-            )
-            intent.desired = desired
-            intent.seq += 1
-            intent.toggles = 0
-            intent.problem = ""
-            intent.status = PinIntent.Status.DONE if intent.converged else PinIntent.Status.PENDING
-            intent.save()
-            intents.append(intent)
-    return intents
+        PinIntent.objects.bulk_create(
+            [
+                PinIntent(portal=portal, user_id=user_id, flow_id=fid, desired=desired)
+                for fid in flow_ids
+            ],
+            ignore_conflicts=True,
+        )
+        # Always pending, even when desired equals the last answer: a toggle of an earlier
+        # click may still be on its way to the portal, and only the converger (under the
+        # user's lock) knows. It marks the intent done without a call when nothing is.
+        PinIntent.objects.filter(portal=portal, user_id=user_id, flow_id__in=flow_ids).update(
+            desired=desired,
+            seq=F("seq") + 1,
+            toggles=0,
+            problem="",
+            status=PinIntent.Status.PENDING,
+            updated_at=timezone.now(),
+        )
+        return list(PinIntent.objects.filter(portal=portal, user_id=user_id, flow_id__in=flow_ids))
 
 
 def cancel_portal_work(portal: Portal) -> int:
@@ -200,17 +220,24 @@ class Busy(Exception):
 
 
 class RetryLater(Exception):
-    def __init__(self, delay: float, reason: str) -> None:
+    """Stop this run; try again in `delay` seconds (negative: do not, it is final)."""
+
+    def __init__(self, delay: float, reason: str, *, rate_limited: bool = False) -> None:
         super().__init__(reason)
         self.delay = delay
+        self.rate_limited = rate_limited
 
 
 class _Lock:
-    """A Redis lock per (portal, user): one converger at a time, so answers are never mixed."""
+    """A Redis lock per (portal, user): one converger at a time, so answers are never mixed.
 
-    def __init__(self, portal_id: int, user_id: int) -> None:
+    Its value names the holder (the Celery node), so a node restarted after a crash frees what
+    its killed predecessor held at once (`release_locks_of`) instead of waiting out the TTL.
+    """
+
+    def __init__(self, portal_id: int, user_id: int, holder: str = "") -> None:
         self.key = f"fp:conv:{portal_id}:{user_id}"
-        self.token = uuid.uuid4().hex
+        self.token = f"{holder}|{uuid.uuid4().hex}"
 
     def __enter__(self) -> _Lock:
         if not redis_client().set(self.key, self.token, nx=True, px=LOCK_TTL_MS):
@@ -225,35 +252,59 @@ class _Lock:
         redis_client().eval(script, 1, self.key, self.token)
 
 
+def release_locks_of(holder: str) -> int:
+    """Free the convergence locks held by `holder`. Only for a node that is starting and has run
+    nothing yet: whatever it holds was left by a killed process (node names are unique)."""
+    if not holder:
+        return 0
+    script = (
+        "local v = redis.call('GET', KEYS[1]) "
+        "if v and string.sub(v, 1, string.len(ARGV[1])) == ARGV[1] then "
+        "return redis.call('DEL', KEYS[1]) end return 0"
+    )
+    client = redis_client()
+    return sum(
+        int(client.eval(script, 1, key, f"{holder}|"))
+        for key in client.scan_iter(match="fp:conv:*", count=500)
+    )
+
+
 def _record_answers(answers: dict[int, bool | None], pending: dict[int, PinIntent]) -> None:
     """Write what the portal said. Only observation fields: a click in between keeps its intent.
 
     An answer counts toward MAX_TOGGLES; a lost one (None) does not — it is an outage, retried
-    with backoff, not a sign that the state will not settle.
+    with backoff, not a sign that the state will not settle. One UPDATE per distinct answer.
     """
     now = timezone.now()
+    by_answer: dict[bool | None, list[int]] = {}
+    for fid, observed in answers.items():
+        by_answer.setdefault(observed, []).append(pending[fid].pk)
     with transaction.atomic():
-        for fid, observed in answers.items():
+        for observed, pks in by_answer.items():
             counted = F("toggles") + 1 if observed is not None else F("toggles")
-            PinIntent.objects.filter(pk=pending[fid].pk).update(
-                observed=observed, observed_at=now, toggles=counted
+            PinIntent.objects.filter(pk__in=pks).update(
+                observed=observed, observed_at=now, toggles=counted, updated_at=now
             )
 
 
-def _finish(intent_ids: list[int], status: str, problem: str) -> None:
+def _finish(intent_ids: list[int], status: str, problem: str, **still: Any) -> None:
+    """Close pending intents. `still` re-checks, in the same UPDATE, what the verdict rests on:
+    a click that landed after the intents were read must not be closed with a stale verdict."""
     if intent_ids:
-        PinIntent.objects.filter(pk__in=intent_ids, status=PinIntent.Status.PENDING).update(
-            status=status, problem=problem
-        )
+        PinIntent.objects.filter(
+            pk__in=intent_ids, status=PinIntent.Status.PENDING, **still
+        ).update(status=status, problem=problem, updated_at=timezone.now())
 
 
 def _mark_problem(intent_ids: list[int], problem: str) -> None:
     PinIntent.objects.filter(pk__in=intent_ids, status=PinIntent.Status.PENDING).update(
-        problem=problem
+        problem=problem, updated_at=timezone.now()
     )
 
 
-def converge_user(portal_id: int, user_id: int, *, max_rounds: int = 40) -> dict[str, int]:
+def converge_user(
+    portal_id: int, user_id: int, *, max_rounds: int = 40, holder: str = ""
+) -> dict[str, int]:
     """Bring every pending pin of one user in line with their intents.
 
     Each round takes what is pending (at most 50), marks the converged ones done, and toggles the
@@ -265,28 +316,36 @@ def converge_user(portal_id: int, user_id: int, *, max_rounds: int = 40) -> dict
     user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
     if portal is None or user is None:
         return stats
-    with _Lock(portal_id, user_id):
+    with _Lock(portal_id, user_id, holder):
         for _ in range(max_rounds):
             pending = list(
                 PinIntent.objects.filter(
                     portal_id=portal_id,
                     user_id=user_id,
                     status=PinIntent.Status.PENDING,
-                ).order_by("updated_at", "pk")[: BATCH_LIMIT * 4]
+                ).order_by("updated_at", "pk")[:PENDING_WINDOW]
             )
             done = [i.pk for i in pending if i.converged]
-            _finish(done, PinIntent.Status.DONE, "")
+            _finish(done, PinIntent.Status.DONE, "", observed=F("desired"))
             stats["done"] += len(done)
             exhausted = [i.pk for i in pending if not i.converged and i.toggles >= MAX_TOGGLES]
-            _finish(exhausted, PinIntent.Status.FAILED, PinIntent.Problem.GAVE_UP)
+            _finish(
+                exhausted,
+                PinIntent.Status.FAILED,
+                PinIntent.Problem.GAVE_UP,
+                toggles__gte=MAX_TOGGLES,
+            )
             stats["failed"] += len(exhausted)
             todo = {i.flow_id: i for i in pending if not i.converged and i.toggles < MAX_TOGGLES}
             if not todo:
-                return stats
+                if len(pending) < PENDING_WINDOW:
+                    return stats
+                continue  # a full window of settled intents: there may be more behind it
             chunk = dict(list(todo.items())[:BATCH_LIMIT])
             stats["rounds"] += 1
             _toggle_round(portal, user, chunk, stats)
-    raise RetryLater(0.5, "more pins than one run converges")
+    # A bounded run keeps one thread from holding one user for long; carry on at once.
+    raise RetryLater(0.0, "more pins than one run converges", rate_limited=True)
 
 
 def _toggle_round(
@@ -304,7 +363,7 @@ def _toggle_round(
             return {ids[0]: exc}
 
     try:
-        answers = portal_services.call_with_user(user, toggle, max_wait=5.0)
+        answers = portal_services.call_with_user(user, toggle, max_wait=LIMITER_WAIT)
     except portal_services.ReopenRequired:
         _finish(
             _pending_pks(portal.pk, user.user_id), PinIntent.Status.FAILED, PinIntent.Problem.REOPEN
@@ -320,10 +379,12 @@ def _toggle_round(
         raise RetryLater(-1, "reinstall") from None
     except RateLimited as exc:
         _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
-        raise RetryLater(exc.retry_after, "rate limited") from None
+        raise RetryLater(exc.retry_after, "rate limited", rate_limited=True) from None
     except OperationTimeLimit as exc:
         _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
-        raise RetryLater(max(1.0, exc.reset_at - time.time()), "operating time limit") from None
+        raise RetryLater(
+            max(1.0, exc.reset_at - time.time()), "operating time limit", rate_limited=True
+        ) from None
     except ResponseLost:
         # The toggles may or may not have happened: the state is unknown until the next answer.
         _record_answers({fid: None for fid in ids}, chunk)
@@ -375,6 +436,12 @@ def _pending_pks(portal_id: int, user_id: int) -> list[int]:
             portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
         ).values_list("pk", flat=True)
     )
+
+
+def has_pending(portal_id: int, user_id: int) -> bool:
+    return PinIntent.objects.filter(
+        portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
+    ).exists()
 
 
 def pending_users() -> list[tuple[int, int]]:

@@ -13,51 +13,84 @@ import logging
 import random
 from typing import Any
 
-from celery import shared_task
+from celery import bootsteps, shared_task
 from celery.signals import worker_ready
 
 from b24app.bitrix.ratelimit import redis_client
+from b24app.celery import app
 from b24app.models import Portal, PortalUser
 from flows import services
 
 log = logging.getLogger(__name__)
 
 QUEUED_TTL = 60
+SWEEP_SECONDS = 60
+# A run starts this long after the click that queued it, so a burst of clicks (pin, unpin,
+# pin; or a user going down the list) is sent as one batch. Well under a human's patience.
+COALESCE_SECONDS = 0.05
 
 
 def _queued_key(portal_id: int, user_id: int) -> str:
     return f"fp:queued:{portal_id}:{user_id}"
 
 
-def enqueue_converge(portal_id: int, user_id: int) -> None:
-    """Enqueue one convergence run for the user unless one is already waiting to start.
+def _failures_key(portal_id: int, user_id: int) -> str:
+    """This user's failed runs in a row: the exponent of the backoff."""
+    return f"fp:failures:{portal_id}:{user_id}"
 
-    Rapid clicks coalesce: the waiting run will read the latest intents when it starts.
+
+def enqueue_converge(portal_id: int, user_id: int, *, delay: float = COALESCE_SECONDS) -> None:
+    """Start a convergence run for the user unless one is already queued or running.
+
+    One run per user is in flight at a time: it reads the latest intents every round, so rapid
+    clicks coalesce into it instead of each starting a task of its own, and its backoff after
+    an outage holds for every click. A click that lands after the run's last look is caught when
+    the run ends (`_run_finished`).
     """
     if redis_client().set(_queued_key(portal_id, user_id), "1", nx=True, ex=QUEUED_TTL):
         try:
-            converge.apply_async(kwargs={"portal_id": portal_id, "user_id": user_id})
+            converge.apply_async(
+                kwargs={"portal_id": portal_id, "user_id": user_id}, countdown=delay or None
+            )
         except Exception:
             redis_client().delete(_queued_key(portal_id, user_id))
             raise
 
 
+def _run_finished(portal_id: int, user_id: int) -> None:
+    redis_client().delete(_queued_key(portal_id, user_id))
+    # A click that committed while this run was finishing saw it "in flight" and queued nothing:
+    # look once more, now that the marker is gone.
+    if services.has_pending(portal_id, user_id):
+        enqueue_converge(portal_id, user_id)
+
+
 @shared_task(name="flows.converge", bind=True, max_retries=None, acks_late=True)
 def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str:
-    redis_client().delete(_queued_key(portal_id, user_id))
+    redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL)  # still in flight
     try:
-        return services.converge_user(portal_id, user_id)
+        result = services.converge_user(portal_id, user_id, holder=self.request.hostname or "")
     except services.Busy:
-        # Another run holds this user's lock; come back shortly and pick up what it left.
-        raise self.retry(countdown=random.uniform(0.2, 0.6), max_retries=None) from None
+        # A duplicate run (after a restart or a sweep) holds the lock; come back shortly.
+        raise self.retry(countdown=random.uniform(0.2, 0.6)) from None
     except services.RetryLater as exc:
         if exc.delay < 0:
+            _run_finished(portal_id, user_id)
             return f"stopped: {exc}"
-        attempt = min(self.request.retries, 8)
-        backoff = (
-            max(exc.delay, min(60.0, 0.5 * 2**attempt)) if "rate" not in str(exc) else exc.delay
-        )
-        raise self.retry(countdown=backoff + random.uniform(0, 0.3 + backoff / 4)) from None
+        if exc.rate_limited:
+            # The shared bucket said exactly when there is room: come back then (plus a hair,
+            # so the waiting users of one portal do not all arrive at the same instant).
+            countdown = exc.delay + random.uniform(0, 0.05)
+        else:  # an outage or a lost answer: jittered exponential backoff per user, capped
+            failures = int(redis_client().incr(_failures_key(portal_id, user_id)))
+            redis_client().expire(_failures_key(portal_id, user_id), 3600)
+            backoff = max(exc.delay, min(60.0, 0.5 * 2 ** min(failures - 1, 7)))
+            countdown = backoff + random.uniform(0, backoff / 2)
+        redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL + int(countdown) + 1)
+        raise self.retry(countdown=countdown) from None
+    redis_client().delete(_failures_key(portal_id, user_id))
+    _run_finished(portal_id, user_id)
+    return result
 
 
 @shared_task(name="flows.refresh_snapshot", acks_late=True, ignore_result=True)
@@ -75,8 +108,52 @@ def refresh_snapshot(*, portal_id: int, user_id: int) -> str:
 
 
 @worker_ready.connect
-def resume_pending_work(**_: Any) -> None:
-    """After a restart (or a crash), pick up every intent that is still pending."""
+def release_stale_locks(sender: Any = None, **_: Any) -> None:
+    """A node that starts has run nothing yet: any lock in its name was left by a killed
+    predecessor, and would stall that user's pins until the lock's TTL ran out."""
+    hostname = str(getattr(sender, "hostname", "") or "")
+    try:
+        released = services.release_locks_of(hostname)
+    except Exception:
+        log.warning("could not release stale convergence locks", exc_info=True)
+        return
+    if released:
+        log.warning("released %d convergence lock(s) left by a killed %s", released, hostname)
+
+
+class ResumeOnConnect(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs each time the worker's consumer (re)connects to the broker: at start, after a crash,
+    and after a broker outage — which may have lost queued messages, and during which the web
+    saved clicks it could not queue, promising they would be applied once the broker is back."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, parent: Any) -> None:
+        resume_pending_work()
+        # And every minute: a run whose worker died (its message comes back only after the
+        # broker's visibility timeout) must not leave a user's pins waiting that long.
+        self.sweeper = parent.timer.call_repeatedly(SWEEP_SECONDS, sweep_pending_work)
+
+    def stop(self, parent: Any) -> None:
+        sweeper = getattr(self, "sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
+
+
+app.steps["consumer"].add(ResumeOnConnect)
+
+
+def sweep_pending_work() -> None:
+    """Start a run for every user with pending intents and no run in flight."""
+    try:
+        for portal_id, user_id in services.pending_users():
+            enqueue_converge(portal_id, user_id)
+    except Exception:
+        log.warning("could not sweep pending pin work", exc_info=True)
+
+
+def resume_pending_work() -> None:
+    """Queue a convergence run for every user with a pending intent (coalesced per user)."""
     try:
         for portal_id, user_id in services.pending_users():
             redis_client().delete(_queued_key(portal_id, user_id))

@@ -20,6 +20,7 @@ from django.utils import translation
 from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_POST
+from redis.exceptions import RedisError
 
 from b24app import services as portal_services
 from b24app.bitrix.errors import AccessDenied, BitrixError, TransientError
@@ -59,13 +60,16 @@ def page_auth(request: HttpRequest) -> tuple[Portal, PortalUser]:
     except signing.BadSignature:
         raise PageAuthError(403, _("This request was not issued by the app.")) from None
     translation.activate(data.get("l") or "en")
-    portal = Portal.objects.filter(pk=data.get("p")).first()
-    if portal is None or not portal.is_active:
+    # One query, and no token decrypted: the endpoints behind this need neither.
+    user = (
+        PortalUser.objects.select_related("portal")
+        .defer("access_token", "refresh_token", "portal__application_token")
+        .filter(portal_id=data.get("p"), user_id=data.get("u"))
+        .first()
+    )
+    if user is None or not user.portal.is_active:
         raise PageAuthError(403, _("The app is not installed on this portal any more."))
-    user = PortalUser.objects.filter(portal=portal, user_id=data.get("u")).first()
-    if user is None:
-        raise PageAuthError(403, _("Please reopen the app from Bitrix24."))
-    return portal, user
+    return user.portal, user
 
 
 def _api(view: Any) -> Any:
@@ -77,6 +81,11 @@ def _api(view: Any) -> Any:
             return response
         except PageAuthError as exc:
             return JsonResponse({"error": exc.message}, status=exc.status)
+        except RedisError:  # the shared rate limit and the queue live in Redis
+            log.warning("%s: Redis is not answering", view.__name__)
+            return JsonResponse(
+                {"error": _("The app is briefly unavailable; try again in a minute.")}, status=503
+            )
 
     wrapped.__name__ = view.__name__
     return wrapped
@@ -176,6 +185,8 @@ def app_page(
             "offline": _("The app cannot reach its server; try again."),
             "no_match": _("No flow matches your search."),
             "added": _("Flow added."),
+            "active": _("active"),
+            "inactive": _("inactive"),
         },
     }
     return render(request, "flows/app.html", context)
@@ -187,7 +198,7 @@ def app_page(
 def _json_body(request: HttpRequest) -> dict[str, Any]:
     try:
         body = json.loads(request.body or b"{}")
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
         raise PageAuthError(400, _("The request body is not valid JSON.")) from None
     if not isinstance(body, dict):
         raise PageAuthError(400, _("The request body must be a JSON object."))

@@ -152,7 +152,7 @@ class PortalClient:
             return BatchResult({}, {}, {}, {})
         if len(commands) > BATCH_LIMIT:
             raise ValueError(f"a batch holds at most {BATCH_LIMIT} commands")
-        for method, _ in commands.values():
+        for method in {method for method, _ in commands.values()}:
             MethodPause(self.member_id, method).check()
         cmd = {key: f"{method}?{php_query(params)}" for key, (method, params) in commands.items()}
         status, body = self._post(

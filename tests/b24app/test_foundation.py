@@ -127,3 +127,16 @@ def test_make_run_launcher_serves_with_a_live_worker_and_stops_everything(tmp_pa
             not Path(f"/proc/{pid}").exists()
             or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
         ), f"process {pid} survived Ctrl-C"
+
+
+def test_every_setting_is_documented_in_env_example_and_readme() -> None:
+    import re
+
+    source = (ROOT / "b24app" / "settings.py").read_text()
+    names = set(re.findall(r'env\.\w+\(\s*"([A-Z0-9_]+)"', source))
+    names |= set(re.findall(r'_secret\("([A-Z0-9_]+)"\)', source))
+    assert {"SECRET_KEY", "DATABASE_URL", "REDIS_URL", "B24_TOKEN_KEY"} <= names
+    example = (ROOT / ".env.example").read_text()
+    readme = (ROOT / "README.md").read_text()
+    undocumented = sorted(n for n in names if f"{n}=" not in example or n not in readme)
+    assert undocumented == []

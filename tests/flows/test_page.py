@@ -3,6 +3,7 @@ their portal only, at most one REST call per 50 flows, and a snapshot that rende
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -26,8 +27,19 @@ def open_app(
     return response
 
 
+def page_rows(response: Any) -> list[dict[str, Any]]:
+    """The rows the page shows, as the server handed them to the page's script."""
+    match = re.search(
+        r'<script id="fp-rows" type="application/json">(.*?)</script>',
+        response.content.decode(),
+        re.S,
+    )
+    assert match, "the page carries no rows"
+    return list(json.loads(match.group(1)))
+
+
 def shown_flow_ids(response: Any) -> list[int]:
-    return [int(x) for x in re.findall(r'data-flow-id="(\d+)"', response.content.decode())]
+    return [int(row["id"]) for row in page_rows(response)]
 
 
 def visible_to(sandbox: Any, user_id: int) -> set[int]:
@@ -50,9 +62,10 @@ def test_flow_names_with_markup_render_as_text_and_the_frame_is_locked_to_the_po
     install(client, sandbox)
     response = open_app(client, sandbox, 1)
     html = response.content.decode()
-    assert "<script>alert(1)</script>" not in html
-    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
-    assert "&lt;b&gt;" in html and "<b>Bold" not in html
+    assert "<script>alert(1)" not in html and "<b>Bold" not in html  # never markup in the page
+    names = [row["name"] for row in page_rows(response)]
+    assert "<script>alert(1)</script>" in names  # carried as data, shown with textContent
+    assert any(name.startswith("<b>Bold</b>") for name in names)
     csp = response["Content-Security-Policy"]
     assert "frame-ancestors 'self' " + state(sandbox)["client_endpoint"].split("/p/")[0] in csp
     assert "script-src 'self' 'nonce-" in csp and "unsafe-inline" not in csp.split("style-src")[0]
@@ -60,15 +73,27 @@ def test_flow_names_with_markup_render_as_text_and_the_frame_is_locked_to_the_po
     assert "Set-Cookie" not in response  # nothing in the frame depends on a third-party cookie
 
 
+def page_messages(response: Any) -> dict[str, str]:
+    match = re.search(
+        r'<script id="fp-messages" type="application/json">(.*?)</script>',
+        response.content.decode(),
+        re.S,
+    )
+    assert match
+    return dict(json.loads(match.group(1)))
+
+
 def test_the_page_speaks_russian_and_english(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox)
-    ru = open_app(client, sandbox, 2, lang="ru").content.decode()
-    assert "Закрепить" in ru and "Поиск потоков" in ru and ">Pin<" not in ru
-    en = open_app(client, sandbox, 2, lang="en").content.decode()
-    assert ">Pin<" in en and "Закрепить" not in en
-    fallback = open_app(client, sandbox, 2, lang="de").content.decode()
-    assert ">Pin<" in fallback
+    ru = open_app(client, sandbox, 2, lang="ru")
+    assert "Поиск потоков" in ru.content.decode() and "Закрепить все" in ru.content.decode()
+    assert page_messages(ru)["pin"] == "Закрепить" and page_messages(ru)["unpin"] == "Открепить"
+    en = open_app(client, sandbox, 2, lang="en")
+    assert "Search flows" in en.content.decode() and "Поиск" not in en.content.decode()
+    assert page_messages(en)["pin"] == "Pin"
+    fallback = open_app(client, sandbox, 2, lang="de")
+    assert page_messages(fallback)["pin"] == "Pin"
 
 
 def test_one_rest_call_per_50_flows_then_the_snapshot_renders_without_any(sandbox: Any) -> None:
@@ -115,4 +140,4 @@ def test_pinned_flows_come_first(sandbox: Any) -> None:
     )
     reordered = shown_flow_ids(open_app(client, sandbox, 2))
     assert reordered[0] == last
-    assert ">Unpin<" in open_app(client, sandbox, 2).content.decode()
+    assert page_rows(open_app(client, sandbox, 2))[0]["pinned"] is True

@@ -239,3 +239,16 @@ def test_a_page_token_acts_only_for_its_own_user_and_portal(portal: Any) -> None
     assert intent.portal_id == beta.pk and intent.user_id == 1  # never alpha, never user 2
     status = client.get("/flows/api/status", HTTP_X_FLOWPINS_TOKEN=open_app(client, portal, 2))
     assert status.json()["intents"] == []  # alpha's user 2 sees none of beta's intents
+
+
+def test_more_settled_intents_than_one_window_all_finish(portal: Any) -> None:
+    sb(portal, "p/alpha/flows", {"count": 260, "visible_to_all": True})
+    ids = sorted(set(visible_to(portal, 2)))[:260]
+    want(2, ids, True)
+    converge(2)
+    want(2, ids, True)  # "Pin all" again: nothing to toggle, but every intent must settle
+    before = state(portal)["counters"]["pin_toggles"]
+    converge(2)
+    assert PinIntent.objects.filter(user_id=2, status="pending").count() == 0
+    assert state(portal)["counters"]["pin_toggles"] == before
+    assert pins(portal, 2) == set(ids)
