@@ -1,0 +1,79 @@
+"""A private stack for tests that break things: its own Redis, web process and workers.
+
+Everything else in the suite shares the session's worker and the machine's Redis; a test that
+kills a worker or restarts the broker must not touch either.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.faults.stack import RedisServer, start_web, start_worker, stop
+
+
+@dataclass
+class PrivateStack:
+    redis: RedisServer
+    env: dict[str, str]
+    web_url: str
+    web_log: Path
+    log_dir: Path
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def worker_log(self) -> Path:
+        return self.log_dir / "worker.log"
+
+    def worker(self, **env: str) -> subprocess.Popen[bytes]:
+        """Start a worker on the private broker (same node name each time, like a restart)."""
+        proc = start_worker({**self.env, **env}, self.worker_log, name="faults@%h")
+        self.workers.append(proc)
+        return proc
+
+
+@pytest.fixture(scope="module")
+def _private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="module")
+def _private_web(
+    worker_env: dict[str, str],
+    _private_redis: RedisServer,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[dict[str, str], str, Path]]:
+    env = {
+        **worker_env,
+        "REDIS_URL": _private_redis.url(0),
+        "CELERY_BROKER_URL": _private_redis.url(0),
+    }
+    log = tmp_path_factory.mktemp("web") / "web.log"
+    proc, base = start_web(env, log)
+    yield env, base, log
+    stop(proc)
+
+
+@pytest.fixture
+def private_stack(
+    _private_redis: RedisServer,
+    _private_web: tuple[dict[str, str], str, Path],
+    tmp_path: Path,
+) -> Iterator[PrivateStack]:
+    """A clean private Redis, the private web process, and a way to start workers on them."""
+    if _private_redis.proc is None or _private_redis.proc.poll() is not None:
+        _private_redis.start()  # an earlier test left it down
+    _private_redis.flush()
+    env, base, web_log = _private_web
+    stack = PrivateStack(_private_redis, env, base, web_log, tmp_path)
+    yield stack
+    for proc in stack.workers:
+        stop(proc, signal.SIGTERM)

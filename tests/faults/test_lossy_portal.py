@@ -1,0 +1,80 @@
+"""A portal that loses answers and a user who clicks fast, through the session's real worker.
+
+The truth is what the simulated portal records per user (`pins`), never what the app believes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from tests.faults.drive import (
+    assert_all_done_and_true,
+    click,
+    desired_pins,
+    open_app,
+    portal_pins,
+    visible_to,
+    wait_settled,
+)
+from tests.helpers import install, sb, state
+
+pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
+
+
+def test_a_fifth_of_pin_answers_lost_after_the_toggle_still_ends_in_every_desired_state(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    client = Client()
+    install(client, sandbox)
+    tokens = {user: open_app(client, sandbox, user) for user in (2, 3)}
+    f2, f3 = visible_to(sandbox, 2), visible_to(sandbox, 3)
+    # One flow is already pinned in Bitrix24 itself: its first toggle answers "unpinned".
+    sb(sandbox, "p/alpha/pins", {"user_id": 2, "flow_ids": [f2[0]], "pinned": True})
+    sb(sandbox, "config", {"pin_drop_ratio": 0.2, "seed": 11})
+    for flow in f2[:4]:  # one click per row, as on the page
+        assert click(client, tokens[2], [flow], True).status_code == 202
+    assert click(client, tokens[3], f3[:3], True).status_code == 202  # "Pin all"
+    wait_settled(60)
+    assert click(client, tokens[2], [f2[1]], False).status_code == 202
+    assert click(client, tokens[3], [f3[0]], False).status_code == 202
+    intents = wait_settled(60)
+
+    assert portal_pins(sandbox, 2) == desired_pins(intents, 2) == set(f2[:4]) - {f2[1]}
+    assert portal_pins(sandbox, 3) == desired_pins(intents, 3) == set(f3[1:3])
+    assert portal_pins(sandbox, 1) == set() and portal_pins(sandbox, 4) == set()
+    assert_all_done_and_true(intents)
+    counters = state(sandbox)["counters"]
+    assert counters["dropped_responses"] >= 2  # the fault really happened, more than once
+
+
+def test_pin_unpin_pin_clicked_fast_ends_in_the_last_click(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    """Clicks land while the previous toggle is still on its way to the portal."""
+    client = Client()
+    install(client, sandbox)
+    token = open_app(client, sandbox, 2)
+    a, b, c, d = visible_to(sandbox, 2)[:4]
+    sb(sandbox, "config", {"latency_ms": 400})
+
+    def play(sequences: dict[int, list[bool]]) -> None:
+        for step in range(max(len(s) for s in sequences.values())):
+            for flow, clicks in sequences.items():
+                if step < len(clicks):
+                    assert click(client, token, [flow], clicks[step]).status_code == 202
+            time.sleep(0.25)  # faster than one round trip to the portal
+
+    # From "never touched": the app does not know the state yet.
+    play({a: [True, False, True], b: [True, False], c: [True, False, True, False], d: [True]})
+    intents = wait_settled(60)
+    assert portal_pins(sandbox, 2) == {a, d} == desired_pins(intents, 2)
+    assert_all_done_and_true(intents)
+    # From a known state: a click back to the last answer while a toggle is in flight.
+    play({a: [False, True], b: [True, False], c: [True, False, True], d: [False, True, False]})
+    intents = wait_settled(60)
+    assert portal_pins(sandbox, 2) == {a, c} == desired_pins(intents, 2)
+    assert_all_done_and_true(intents)
