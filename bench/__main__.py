@@ -1,0 +1,673 @@
+"""`make bench`: the benchmarks, on the real stack (sandbox, gunicorn, Celery, PostgreSQL,
+Redis). Every figure comes with the ceiling or baseline measured in the same run.
+
+Environment: BENCH_DATABASE_URL (default: database flowpins_bench on the local PostgreSQL,
+created when missing), BENCH_REDIS_URL (default redis://127.0.0.1:6379/2, flushed), BENCH_QUICK=1
+for a shorter run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.stack import Stack
+
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+BATCH = 50
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+class Report:
+    def __init__(self) -> None:
+        self.sections: list[tuple[str, list[str], list[list[str]], str]] = []
+
+    def add(self, title: str, header: list[str], rows: list[list[str]], note: str = "") -> None:
+        self.sections.append((title, header, rows, note))
+        print(self.render_one(title, header, rows, note), flush=True)
+
+    @staticmethod
+    def render_one(title: str, header: list[str], rows: list[list[str]], note: str) -> str:
+        lines = [
+            f"\n### {title}",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "|".join("---" for _ in header) + "|",
+        ]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        if note:
+            lines += ["", note]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        return "\n".join(self.render_one(*s) for s in self.sections)
+
+
+# --- helpers over the app's own database ----------------------------------------------------
+
+
+def setup_django(stack: Stack) -> None:
+    os.environ.update(
+        {
+            k: v
+            for k, v in stack.env.items()
+            if k not in os.environ
+            or k
+            in {
+                "DJANGO_SETTINGS_MODULE",
+                "DATABASE_URL",
+                "REDIS_URL",
+                "DEBUG",
+                "SECRET_KEY",
+                "B24_TOKEN_KEY",
+                "B24_OAUTH_SERVERS",
+                "B24_APP_BASE_URL",
+                "ALLOWED_HOSTS",
+                "B24_ALLOW_HTTP",
+            }
+        }
+    )
+    import django
+
+    django.setup()
+
+
+def portal_pk(stack: Stack, name: str) -> int:
+    from b24app.models import Portal
+
+    return int(Portal.objects.get(member_id=stack.portal_state(name)["member_id"]).pk)
+
+
+def wait_all_settled(seconds: float) -> float:
+    """Wait until no pin intent is pending; returns when that happened (monotonic)."""
+    from django.db import connection
+
+    from flows.models import PinIntent
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not PinIntent.objects.filter(status=PinIntent.Status.PENDING).exists():
+            return time.monotonic()
+        connection.close()
+        time.sleep(0.05)
+    raise RuntimeError("pins did not settle in time")
+
+
+def set_limits(stack: Stack, names: list[str], rate: float, burst: int) -> None:
+    """The same bucket on both sides: the sandbox's and the app's shared limiter."""
+    import redis
+
+    from b24app.models import Portal
+
+    for name in names:
+        stack.sb("config", {"portal": name, "rate": rate, "burst": burst})
+    Portal.objects.update(rate_per_second=rate, rate_burst=burst)
+    client = redis.Redis.from_url(stack.env["REDIS_URL"])
+    keys = list(client.scan_iter(match="fp:rl:*"))
+    if keys:
+        client.delete(*keys)
+
+
+def prepare(stack: Stack, names: list[str], flows: int, users: list[int]) -> dict[str, Any]:
+    """Install, generate flows, open the app for each user — with a generous bucket, so the
+    set-up does not eat the budget the measurement starts with."""
+    stack.reset()
+    for name in names:
+        stack.sb("config", {"portal": name, "rate": 1000, "burst": 5000})
+        stack.install(name)
+        if flows:
+            stack.sb(
+                f"p/{name}/flows",
+                {"count": flows, "visible_to_all": True, "name_prefix": "Bench flow"},
+            )
+    tokens: dict[str, Any] = {}
+    for name in names:
+        for user in users:
+            tokens[(name, user)] = stack.open_app(name, user)[0]
+    time.sleep(0.3)  # let the sandbox's bucket drain at the generous rate
+    return tokens
+
+
+def generated_flow_ids(stack: Stack, name: str) -> list[int]:
+    return sorted(
+        f["id"] for f in stack.portal_state(name)["flows"] if f["name"].startswith("Bench flow")
+    )
+
+
+# --- 1. pins against the rate limit ---------------------------------------------------------
+
+
+def bench_pins(
+    stack: Stack,
+    report: Report,
+    *,
+    title: str,
+    rate: float,
+    burst: int,
+    per_user: list[tuple[int, int]],
+    portals: int,
+    prepin_ratio: float = 0.0,
+) -> None:
+    names = stack.portal_names()[:portals]
+    tokens = prepare(
+        stack, names, max(n for _, n in per_user) * len(per_user), [u for u, _ in per_user]
+    )
+    plan: dict[tuple[str, int], list[int]] = {}
+    for name in names:
+        ids = generated_flow_ids(stack, name)
+        offset = 0
+        for user, count in per_user:
+            plan[(name, user)] = ids[offset : offset + count]
+            offset += count
+            if prepin_ratio:
+                stack.sb(
+                    f"p/{name}/pins",
+                    {
+                        "user_id": user,
+                        "pinned": True,
+                        "flow_ids": plan[(name, user)][:: int(1 / prepin_ratio)],
+                    },
+                )
+    set_limits(stack, names, rate, burst)
+    before = {name: stack.portal_state(name)["counters"] for name in names}
+
+    def click(key: tuple[str, int]) -> None:
+        ids = plan[key]
+        for start in range(0, len(ids), 500):
+            response = stack.pin(tokens[key], ids[start : start + 500], True)
+            if response.status_code != 202:
+                raise RuntimeError(f"click answered {response.status_code}")
+
+    with ThreadPoolExecutor(max_workers=len(plan)) as pool:
+        list(pool.map(click, plan))
+    wait_all_settled(600)
+    from django.db.models import Max
+
+    from flows.models import PinIntent
+
+    rows = []
+    for name in names:
+        pk = portal_pk(stack, name)
+        last = PinIntent.objects.filter(portal_id=pk).aggregate(t=Max("updated_at"))["t"]
+        first = PinIntent.objects.filter(portal_id=pk).order_by("created_at").first()
+        assert last is not None and first is not None
+        elapsed = max(0.001, (last - first.created_at).total_seconds())
+        after = stack.portal_state(name)
+        counters = after["counters"]
+        pins = sum(len(plan[(name, u)]) for u, _ in per_user)
+        wrong = sum(
+            len(set(plan[(name, u)]) ^ set(after["pins"].get(str(u), []))) for u, _ in per_user
+        )
+        requests_made = counters["requests"] - before[name]["requests"]
+        needed = sum(math.ceil(n / BATCH) for _, n in per_user)
+        t_min = max(0.0, (needed - burst) / rate)
+        ceiling = f"{pins / t_min:.0f}" if t_min else "∞ (fits the burst)"
+        ratio = f"{t_min / elapsed:.2f}" if t_min else "n/a"
+        rows.append(
+            [
+                name,
+                str(pins),
+                f"{elapsed:.2f}",
+                f"{pins / elapsed:.0f}",
+                ceiling,
+                ratio,
+                str(requests_made),
+                str(counters["http_503"] - before[name]["http_503"]),
+                str(wrong),
+            ]
+        )
+    report.add(
+        title,
+        [
+            "portal",
+            "pins",
+            "seconds",
+            "pins/s",
+            "bucket ceiling pins/s",
+            "ratio to ceiling",
+            "REST requests",
+            "503s",
+            "wrong final states",
+        ],
+        rows,
+        f"Limit {rate:g} requests/s, burst {burst}; batches of {BATCH}; "
+        f"{stack.workers} worker processes. Ceiling = pins / ((requests needed − burst) / "
+        "rate): the fastest the bucket allows.",
+    )
+
+
+def bench_one_call_per_pin(stack: Stack, report: Report, count: int) -> float:
+    """Baseline: the same pins, one `tasks.flow.Flow.pin` request each, paced by the same
+    shared limiter (no 503s), at the real default limit."""
+    from b24app import services
+    from b24app.bitrix.errors import RateLimited
+    from b24app.models import PortalUser
+
+    name = stack.portal_names()[0]
+    prepare(stack, [name], count, [2])
+    set_limits(stack, [name], 2, 50)
+    ids = generated_flow_ids(stack, name)[:count]
+    user = PortalUser.objects.get(portal_id=portal_pk(stack, name), user_id=2)
+    started = time.monotonic()
+    for fid in ids:
+        while True:
+            try:
+                services.call_with_user(
+                    user,
+                    lambda c, t, f=fid: c.call("tasks.flow.Flow.pin", {"flowId": f}, token=t),
+                    max_wait=60,
+                )
+                break
+            except RateLimited:  # the portal disagreed with our bucket: wait and send again
+                time.sleep(0.5)
+    elapsed = time.monotonic() - started
+    counters = stack.portal_state(name)["counters"]
+    report.add(
+        "Baseline: one request per pin (real default limit 2/s, burst 50)",
+        ["pins", "seconds", "pins/s", "503s"],
+        [[str(count), f"{elapsed:.1f}", f"{count / elapsed:.2f}", str(counters["http_503"])]],
+        "What every one-call-per-pin client is capped at: the bucket's request rate.",
+    )
+    return count / elapsed
+
+
+def bench_click_latency(stack: Stack, report: Report, clicks: int) -> None:
+    """A single click must still go out at once: click → the portal's answer recorded."""
+    from django.db import connection
+
+    from flows.models import PinIntent
+
+    name = stack.portal_names()[0]
+    tokens = prepare(stack, [name], 0, [2])
+    set_limits(stack, [name], 2, 50)
+    flows = [f["id"] for f in stack.portal_state(name)["flows"] if 2 in f["visible_to"]][:4]
+    latencies = []
+    direct = []
+    for i in range(clicks):
+        fid = flows[i % len(flows)]
+        desired = (i // len(flows)) % 2 == 0
+        t0 = time.monotonic()
+        stack.pin(tokens[(name, 2)], [fid], desired)
+        while True:
+            intent = PinIntent.objects.filter(user_id=2, flow_id=fid).first()
+            connection.close()
+            if intent and intent.status != PinIntent.Status.PENDING:
+                break
+            time.sleep(0.005)
+        latencies.append(time.monotonic() - t0)
+        time.sleep(0.55)  # stay under 2 requests/s so the bucket is never the cause
+    token = stack.sb(f"p/{name}/tokens", {"user_id": 2})["access_token"]
+    endpoint = stack.portal_state(name)["client_endpoint"]
+    for fid in flows * 2:
+        t0 = time.monotonic()
+        requests.post(
+            endpoint + "tasks.flow.Flow.pin", json={"flowId": fid, "auth": token}, timeout=10
+        )
+        direct.append(time.monotonic() - t0)
+        time.sleep(0.55)
+    report.add(
+        "Single click: click → pinned (ms)",
+        ["clicks", "p50", "p99", "one direct REST call p50", "overhead p50"],
+        [
+            [
+                str(clicks),
+                ms(pct(latencies, 50)),
+                ms(pct(latencies, 99)),
+                ms(pct(direct, 50)),
+                ms(pct(latencies, 50) - pct(direct, 50)),
+            ]
+        ],
+        "Click POST, queue, worker, one pin call to the sandbox, answer recorded; polled "
+        "every 5 ms.",
+    )
+
+
+# --- 2 and 3. the page and the intent endpoint ----------------------------------------------
+
+
+def closed_loop(
+    fn: Callable[[], int], requests_total: int, threads: int
+) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counter = iter(range(requests_total))
+
+    def run() -> None:
+        session_latencies = []
+        for _ in iter(lambda: next(counter, None), None):
+            t0 = time.monotonic()
+            status = fn()
+            if status >= 400:
+                raise RuntimeError(f"status {status}")
+            session_latencies.append(time.monotonic() - t0)
+        with lock:
+            latencies.extend(session_latencies)
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for f in [pool.submit(run) for _ in range(threads)]:
+            f.result()
+    return requests_total / (time.monotonic() - started), latencies
+
+
+def open_loop(fn: Callable[[int], int], rate: float, seconds: float) -> list[float]:
+    """Send at a fixed rate regardless of answers; latency from the scheduled send time."""
+    total = int(rate * seconds)
+    latencies: list[float] = [0.0] * total
+    start = time.monotonic() + 0.2
+
+    def one(i: int) -> None:
+        at = start + i / rate
+        delay = at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        status = fn(i)
+        if status >= 400:
+            raise RuntimeError(f"status {status}")
+        latencies[i] = time.monotonic() - at
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        for f in [pool.submit(one, i) for i in range(total)]:
+            f.result()
+    return latencies
+
+
+def bench_page(stack: Stack, report: Report, renders: int) -> None:
+    name = stack.portal_names()[0]
+    prepare(stack, [name], 0, [])
+    stack.sb(f"p/{name}/flows", {"count": 190, "visible_to_all": True})
+    token, launched = stack.open_app(name, 1)  # warms the snapshot: the page shows 200 flows
+    flows_shown = len(stack.portal_state(name)["flows"])
+    url = launched["url"].replace(stack.env["B24_APP_BASE_URL"], stack.web_url)
+    form = launched["form"]
+    sessions = threading.local()
+
+    def session() -> requests.Session:
+        if not hasattr(sessions, "s"):
+            sessions.s = requests.Session()
+        return sessions.s  # type: ignore[no-any-return]
+
+    def bare() -> int:
+        return session().get(f"{stack.web_url}/ping", timeout=10).status_code
+
+    def page() -> int:
+        return session().post(url, data=form, timeout=10).status_code
+
+    closed_loop(bare, 50, 4)
+    closed_loop(page, 20, 4)  # warm-up
+    before = stack.portal_state(name)["counters"]["requests"]
+    bare_rps, bare_lat = closed_loop(bare, renders, 4)
+    page_rps, page_lat = closed_loop(page, renders, 4)
+    rest = stack.portal_state(name)["counters"]["requests"] - before
+    report.add(
+        f"The page: /b24/app/ with {flows_shown} flows from a warm snapshot",
+        ["view", "requests/s", "p50 ms", "p99 ms", "p50 vs bare", "REST calls per render"],
+        [
+            [
+                "bare Django view (/ping)",
+                f"{bare_rps:.0f}",
+                ms(pct(bare_lat, 50)),
+                ms(pct(bare_lat, 99)),
+                "1.00",
+                "0",
+            ],
+            [
+                "/b24/app/ (verified POST)",
+                f"{page_rps:.0f}",
+                ms(pct(page_lat, 50)),
+                ms(pct(page_lat, 99)),
+                f"{pct(page_lat, 50) / pct(bare_lat, 50):.2f}",
+                f"{rest / renders:.3f}",
+            ],
+        ],
+        f"{renders} requests each, 4 client threads, same gunicorn (2 workers × 8 threads).",
+    )
+
+
+def bench_intents(stack: Stack, report: Report, seconds: float) -> None:
+    name = stack.portal_names()[0]
+    tokens = prepare(stack, [name], 40, [1])
+    ids = generated_flow_ids(stack, name)
+    token = tokens[(name, 1)]
+    sessions = threading.local()
+
+    def session() -> requests.Session:
+        if not hasattr(sessions, "s"):
+            sessions.s = requests.Session()
+        return sessions.s  # type: ignore[no-any-return]
+
+    def bare(i: int) -> int:
+        return session().get(f"{stack.web_url}/ping", timeout=10).status_code
+
+    def click(i: int) -> int:
+        return (
+            session()
+            .post(
+                f"{stack.web_url}/flows/api/pin",
+                json={"flow_id": ids[i % len(ids)], "pinned": (i // len(ids)) % 2 == 0},
+                headers={"X-Flowpins-Token": token},
+                timeout=10,
+            )
+            .status_code
+        )
+
+    open_loop(bare, 50, 1)
+    bare_lat = open_loop(bare, 100, seconds)
+    click_lat = open_loop(click, 100, seconds)
+    report.add(
+        "The intent endpoint at 100 requests/s (open loop)",
+        ["endpoint", "requests", "p50 ms", "p99 ms", "p99 vs bare p99"],
+        [
+            [
+                "bare Django view (/ping)",
+                str(len(bare_lat)),
+                ms(pct(bare_lat, 50)),
+                ms(pct(bare_lat, 99)),
+                "1.00",
+            ],
+            [
+                "POST /flows/api/pin",
+                str(len(click_lat)),
+                ms(pct(click_lat, 50)),
+                ms(pct(click_lat, 99)),
+                f"{pct(click_lat, 99) / pct(bare_lat, 99):.2f}",
+            ],
+        ],
+        "Target: p99 under 50 ms. Latency counted from the scheduled send time.",
+    )
+    wait_all_settled(120)
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def bench_events(stack: Stack, report: Report, count: int) -> None:
+    """Bitrix24 does not retry events and de-prioritises slow handlers: answer fast."""
+    from urllib.parse import urlencode
+
+    name = stack.portal_names()[0]
+    prepare(stack, [name], 0, [])
+    result = stack.sb(f"p/{name}/event", {"event": "ONAPPUPDATE", "deliver": False})
+    payload = result["deliveries"][0]["payload"]
+    # No access token to vouch for it and a wrong application_token: refused.
+    forged = {k: v for k, v in payload.items() if not k.startswith("auth[access_token")}
+    forged["auth[application_token]"] = "forged-token"
+    headers = {"Content-Type": "application/x-www-form-urlencoded"}
+    session = requests.Session()
+    rows = []
+    for label, body in (
+        ("ONAPPUPDATE (verified, recorded, queued)", payload),
+        ("forged event (refused)", forged),
+    ):
+        latencies = []
+        for _ in range(count):
+            t0 = time.monotonic()
+            response = session.post(
+                f"{stack.web_url}/b24/events/", data=urlencode(body), headers=headers, timeout=10
+            )
+            latencies.append(time.monotonic() - t0)
+            expected = 200 if body is payload else 403
+            if response.status_code != expected:
+                raise RuntimeError(f"event answered {response.status_code}")
+        rows.append([label, str(count), ms(pct(latencies, 50)), ms(pct(latencies, 99))])
+    report.add(
+        "Event handler latency",
+        ["event", "requests", "p50 ms", "p99 ms"],
+        rows,
+        "Target: under 100 ms. Sequential requests to the same gunicorn.",
+    )
+
+
+# --- 4. refresh stampede ----------------------------------------------------------------------
+
+
+def bench_stampede(stack: Stack, report: Report, tasks: int) -> None:
+    from b24app.celery import app as celery_app
+    from b24app.models import PortalUser
+
+    name = stack.portal_names()[0]
+    prepare(stack, [name], 0, [1])
+    pk = portal_pk(stack, name)
+    stack.start_worker("stampede", tasks, queue="stampede")
+    try:
+        stack.wait_worker("stampede")
+        stack.sb(f"p/{name}/expire", {"user_id": 1})
+        before = stack.portal_state(name)["counters"]
+        for _ in range(tasks):
+            celery_app.send_task(
+                "flows.refresh_snapshot", kwargs={"portal_id": pk, "user_id": 1}, queue="stampede"
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            counters = stack.portal_state(name)["counters"]
+            listed = counters["calls"].get("tasks.flow.Flow.list", 0) - before["calls"].get(
+                "tasks.flow.Flow.list", 0
+            )
+            expired = counters["errors"].get("expired_token", 0) - before["errors"].get(
+                "expired_token", 0
+            )
+            if listed - expired >= tasks:
+                break
+            time.sleep(0.2)
+        user = PortalUser.objects.get(portal_id=pk, user_id=1)
+        ok = listed - expired
+        report.add(
+            f"Refresh stampede: {tasks} concurrent tasks on one expired token",
+            ["tasks", "refresh calls", "failed refreshes", "calls that succeeded", "user state"],
+            [
+                [
+                    str(tasks),
+                    str(counters["refresh_ok"] - before["refresh_ok"]),
+                    str(counters["refresh_failed"] - before["refresh_failed"]),
+                    str(ok),
+                    user.state,
+                ]
+            ],
+            f"A Celery worker with {tasks} threads; targets: 1 refresh, 0 failures.",
+        )
+    finally:
+        stack.stop_proc("stampede")
+
+
+# --- main -------------------------------------------------------------------------------------
+
+
+def _stop_on_signal(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # unwinds into main()'s finally, which stops every process
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    tmp = Path(tempfile.mkdtemp(prefix="flowpins-bench-"))
+    stack = Stack(portals=5, workers=2, tmp=tmp)
+    report = Report()
+    print(f"Flow Pins benchmarks ({'quick' if QUICK else 'full'} run); logs in {tmp}", flush=True)
+    try:
+        stack.start()
+        setup_django(stack)
+        bench_pins(
+            stack,
+            report,
+            title="Pins, scaled-down limit (10/s, burst 20): 200 pins on each of 5 portals",
+            rate=10,
+            burst=20,
+            per_user=[(1, 200)],
+            portals=5,
+        )
+        bench_pins(
+            stack,
+            report,
+            title="Pins at the real default limit (2/s, burst 50): "
+            "1,000 pins of one user, 5 portals",
+            rate=2,
+            burst=50,
+            per_user=[(1, 1000)],
+            portals=5,
+        )
+        bench_pins(
+            stack,
+            report,
+            title="Pins at the real default limit: 200 pins each of 5 "
+            "users, 30% pinned beforehand in Bitrix24, 5 portals",
+            rate=2,
+            burst=50,
+            per_user=[(1, 200), (2, 200), (3, 200), (5, 200), (6, 200)],
+            portals=5,
+            prepin_ratio=0.3,
+        )
+        bench_pins(
+            stack,
+            report,
+            title="Pins where the bucket is the limit (2/s, burst 50): "
+            "4,000 pins of one user, 5 portals",
+            rate=2,
+            burst=50,
+            per_user=[(1, 4000)],
+            portals=5,
+        )
+        bench_one_call_per_pin(stack, report, 60 if QUICK else 110)
+        bench_click_latency(stack, report, 10 if QUICK else 30)
+        bench_page(stack, report, 150 if QUICK else 400)
+        bench_intents(stack, report, 4 if QUICK else 10)
+        bench_events(stack, report, 50 if QUICK else 200)
+        bench_stampede(stack, report, 50)
+        report.add(
+            "Memory: peak RSS",
+            ["process", "MB"],
+            [
+                ["web (largest gunicorn process)", f"{stack.peak_rss_mb('web'):.0f}"],
+                ["worker (one Celery process, 8 threads)", f"{stack.peak_rss_mb('worker1'):.0f}"],
+            ],
+        )
+    finally:
+        stack.stop()
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "latest.md").write_text(report.markdown() + "\n")
+    print("\nwritten: bench/results/latest.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
