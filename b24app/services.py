@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -105,26 +106,32 @@ def user_tokens_store(
     language: str = "",
     is_admin: bool | None = None,
 ) -> PortalUser:
-    """Keep the tokens a frame or event brought for this (portal, user)."""
-    with transaction.atomic():
-        user, _ = PortalUser.objects.select_for_update().get_or_create(
-            portal=portal, user_id=user_id
+    """Keep the tokens a frame or event brought for this (portal, user).
+
+    One UPDATE for a known user (every page open comes here); a new user is created first.
+    The refresh path holds the row lock while it saves; this UPDATE simply waits for it, and
+    whichever pair is written last is a live one (a user may hold several token chains).
+    """
+    changes: dict[str, Any] = {"last_seen_at": timezone.now()}
+    if access_token:
+        changes.update(
+            access_token=access_token,
+            expires_at=_expiry(expires_in),
+            token_version=F("token_version") + 1,
+            state=PortalUser.State.ACTIVE,
+            state_reason="",
         )
-        if access_token:
-            user.access_token = access_token
-            if refresh_token:
-                user.refresh_token = refresh_token
-            user.expires_at = _expiry(expires_in)
-            user.token_version += 1
-            user.state = PortalUser.State.ACTIVE
-            user.state_reason = ""
-        if language:
-            user.language = language
-        if is_admin is not None:
-            user.is_admin = is_admin
-        user.last_seen_at = timezone.now()
-        user.save()
-    return user
+        if refresh_token:
+            changes["refresh_token"] = refresh_token
+    if language:
+        changes["language"] = language
+    if is_admin is not None:
+        changes["is_admin"] = is_admin
+    users = PortalUser.objects.filter(portal=portal, user_id=user_id)
+    if not users.update(**changes):
+        PortalUser.objects.get_or_create(portal=portal, user_id=user_id)
+        users.update(**changes)
+    return users.defer("access_token", "refresh_token").get()
 
 
 def _expired(user: PortalUser) -> bool:

@@ -74,6 +74,9 @@ B24_HTTP_TIMEOUT: tuple[float, float] = (
     env.float("B24_HTTP_CONNECT_TIMEOUT", default=5.0),
     env.float("B24_HTTP_READ_TIMEOUT", default=30.0),
 )
+# The portal's own limit on one request (60 s in the cloud): after a read timeout a toggle may
+# still land until then, so the same flow is not toggled again before it has passed.
+B24_PORTAL_REQUEST_SECONDS: float = env.float("B24_PORTAL_REQUEST_SECONDS", default=60.0)
 # How long a positive install/frame verification (an app.info answer) is trusted.
 B24_VERIFY_CACHE_SECONDS: int = env.int("B24_VERIFY_CACHE_SECONDS", default=300)
 # REST call metadata is kept at least 3 days (a Market rule); we keep 7 by default.

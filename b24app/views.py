@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 
 from b24app import frame, services, tasks
 from b24app.bitrix.errors import BitrixError, TransientError
-from b24app.models import Portal
+from b24app.models import Portal, PortalUser
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,21 @@ def entry(
     return wrap
 
 
+def _store_frame_tokens(
+    portal: Portal, verified: frame.VerifiedFrame, is_admin: bool | None = None
+) -> PortalUser:
+    """Keep the tokens the frame brought, for the user who opened it."""
+    return services.user_tokens_store(
+        portal,
+        verified.user_id,
+        access_token=verified.access_token,
+        refresh_token=verified.refresh_token,
+        expires_in=verified.expires_in,
+        language=verified.lang,
+        is_admin=is_admin,
+    )
+
+
 @entry("installer")
 def install(request: HttpRequest) -> HttpResponse:
     verified = frame.verify_frame_post(request, installing=True)
@@ -94,15 +109,7 @@ def install(request: HttpRequest) -> HttpResponse:
         application_token=verified.application_token,
         scope=verified.scope,
     )
-    services.user_tokens_store(
-        portal,
-        verified.user_id,
-        access_token=verified.access_token,
-        refresh_token=verified.refresh_token,
-        expires_in=verified.expires_in,
-        language=verified.lang,
-        is_admin=True,
-    )
+    _store_frame_tokens(portal, verified, is_admin=True)  # the installer is an administrator
     context: dict[str, Any] = {
         "portal": portal,
         "ok": False,
@@ -125,15 +132,9 @@ def install(request: HttpRequest) -> HttpResponse:
 @entry("application page")
 def app(request: HttpRequest) -> HttpResponse:
     verified = frame.verify_frame_post(request, installing=False)
-    portal = Portal.objects.get(member_id=verified.info.member_id)
-    user = services.user_tokens_store(
-        portal,
-        verified.user_id,
-        access_token=verified.access_token,
-        refresh_token=verified.refresh_token,
-        expires_in=verified.expires_in,
-        language=verified.lang,
-    )
+    portal = verified.portal  # verify_frame_post refuses an app POST without one
+    assert portal is not None
+    user = _store_frame_tokens(portal, verified)
     translation.activate(verified.lang)
     from flows.views import app_page  # the page users see lives with the flows
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,11 @@ from typing import Any
 
 import requests
 
+from b24app.procs import free_port, worker_command
+
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "local.sandbox0000000001"
 CLIENT_SECRET = "sandbox-client-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_http(url: str, seconds: float = 30) -> None:
@@ -153,27 +148,9 @@ class Stack:
 
     def start_worker(self, name: str, concurrency: int, queue: str = "flowpins") -> None:
         """One Celery worker process with a pool of `concurrency` threads."""
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "b24app",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--pool",
-            "threads",
-            "--concurrency",
-            str(concurrency),
-            "--queues",
-            queue,
-            "--hostname",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ]
+        cmd = worker_command(
+            concurrency=concurrency, hostname=f"{name}@%h", queue=queue, quiet=True
+        )
         self._start(name, cmd)
 
     def wait_worker(self, name: str, seconds: float = 40) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -385,11 +386,11 @@ def _toggle_round(
         raise RetryLater(
             max(1.0, exc.reset_at - time.time()), "operating time limit", rate_limited=True
         ) from None
-    except ResponseLost:
+    except ResponseLost as exc:
         # The toggles may or may not have happened: the state is unknown until the next answer.
         _record_answers({fid: None for fid in ids}, chunk)
         _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
-        raise RetryLater(1.0, "answer lost") from None
+        raise RetryLater(_quiet_period(exc), "answer lost") from None
     except TransientError:
         _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
         raise RetryLater(2.0, "portal unavailable") from None
@@ -428,6 +429,19 @@ def _toggle_round(
         stats["failed"] += len(denied)
     if transient_failure and not observed:
         raise RetryLater(2.0, "sub-commands failed")
+
+
+def _quiet_period(exc: ResponseLost) -> float:
+    """How long to leave a flow alone after a toggle whose answer was lost.
+
+    A closed connection means the portal is done with the request. A read timeout does not: the
+    portal may still be running it, and a toggle sent now could be answered before that one
+    lands — the one interleaving that leaves a wrong state. So wait until the portal must have
+    finished it (its own per-request limit), then ask.
+    """
+    if exc.code == "READ_TIMEOUT":
+        return max(1.0, settings.B24_PORTAL_REQUEST_SECONDS - settings.B24_HTTP_TIMEOUT[1] + 1.0)
+    return 1.0
 
 
 def _pending_pks(portal_id: int, user_id: int) -> list[int]:

@@ -27,7 +27,7 @@ QUEUED_TTL = 60
 SWEEP_SECONDS = 60
 # A run starts this long after the click that queued it, so a burst of clicks (pin, unpin,
 # pin; or a user going down the list) is sent as one batch. Well under a human's patience.
-COALESCE_SECONDS = 0.05
+COALESCE_SECONDS = 0.0
 
 
 def _queued_key(portal_id: int, user_id: int) -> str:

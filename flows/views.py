@@ -139,6 +139,13 @@ def _rows(flows: list[dict[str, Any]], intents: dict[int, PinIntent]) -> list[di
 # --- the page ---------------------------------------------------------------------------------
 
 
+def json_for_script(value: Any) -> str:
+    """JSON safe inside <script type="application/json">, like Django's json_script but without
+    its per-character translate (a page of flows is tens of kilobytes)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text.replace("&", "\\u0026").replace("<", "\\u003C").replace(">", "\\u003E")
+
+
 def app_page(
     request: HttpRequest, *, portal: Portal, user: PortalUser, verified: Any
 ) -> HttpResponse:
@@ -169,7 +176,7 @@ def app_page(
     context = {
         "portal": portal,
         "user": user,
-        "rows": _rows(flows, intents),
+        "rows_json": json_for_script(_rows(flows, intents)),
         "problem": problem,
         "snapshot_age": int(snap.age) if snap else None,
         "page_token": page_token(portal, user, lang),

@@ -35,6 +35,9 @@ MAX_BODY = 16 * 1024 * 1024
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    # The default listen backlog (5) resets connections when dozens of workers call at once;
+    # a real portal does not, so neither may the sandbox.
+    request_queue_size = 256
     sandbox_state: SandboxState
 
 

