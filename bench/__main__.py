@@ -552,6 +552,8 @@ def bench_stampede(stack: Stack, report: Report, tasks: int) -> None:
     stack.start_worker("stampede", tasks, queue="stampede")
     try:
         stack.wait_worker("stampede")
+        # Room for every call at once: this measures the refresh, not the bucket.
+        set_limits(stack, [name], 100, 500)
         stack.sb(f"p/{name}/expire", {"user_id": 1})
         before = stack.portal_state(name)["counters"]
         for _ in range(tasks):
@@ -584,7 +586,8 @@ def bench_stampede(stack: Stack, report: Report, tasks: int) -> None:
                     user.state,
                 ]
             ],
-            f"A Celery worker with {tasks} threads; targets: 1 refresh, 0 failures.",
+            f"A Celery worker with {tasks} threads; the portal's limit raised so that only the "
+            "refresh is measured. Targets: 1 refresh, 0 failures.",
         )
     finally:
         stack.stop_proc("stampede")
