@@ -563,26 +563,35 @@ def bench_stampede(stack: Stack, report: Report, tasks: int) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             counters = stack.portal_state(name)["counters"]
+            # The sandbox counts a method call once it passed authentication: an answered list.
             listed = counters["calls"].get("tasks.flow.Flow.list", 0) - before["calls"].get(
                 "tasks.flow.Flow.list", 0
             )
-            expired = counters["errors"].get("expired_token", 0) - before["errors"].get(
-                "expired_token", 0
-            )
-            if listed - expired >= tasks:
+            if listed >= tasks:
                 break
             time.sleep(0.2)
+        expired = counters["errors"].get("expired_token", 0) - before["errors"].get(
+            "expired_token", 0
+        )
         user = PortalUser.objects.get(portal_id=pk, user_id=1)
-        ok = listed - expired
+        ok = listed
         report.add(
             f"Refresh stampede: {tasks} concurrent tasks on one expired token",
-            ["tasks", "refresh calls", "failed refreshes", "calls that succeeded", "user state"],
+            [
+                "tasks",
+                "refresh calls",
+                "failed refreshes",
+                "tasks that listed their flows",
+                "calls refused as expired",
+                "user state",
+            ],
             [
                 [
                     str(tasks),
                     str(counters["refresh_ok"] - before["refresh_ok"]),
                     str(counters["refresh_failed"] - before["refresh_failed"]),
                     str(ok),
+                    str(expired),
                     user.state,
                 ]
             ],

@@ -141,3 +141,40 @@ def test_pinned_flows_come_first(sandbox: Any) -> None:
     reordered = shown_flow_ids(open_app(client, sandbox, 2))
     assert reordered[0] == last
     assert page_rows(open_app(client, sandbox, 2))[0]["pinned"] is True
+
+
+def test_a_user_adds_a_flow_by_its_link_and_it_is_remembered(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})  # an older portal
+    response = open_app(client, sandbox, 2)
+    token = re.search(r'data-token="([^"]+)"', response.content.decode()).group(1)
+    shown = set(shown_flow_ids(response))
+    extra = sorted(visible_to(sandbox, 2) - shown)
+    hidden = sorted(visible_to(sandbox, 1) - visible_to(sandbox, 2))
+    if extra:  # a flow the user may see without a visible task: learnt only when added
+        link = f"https://alpha.example/workgroups/group/0/tasks/flow/?ID={extra[0]}"
+        added = client.post(
+            "/flows/api/add",
+            data=json.dumps({"flow": link}),
+            content_type="application/json",
+            HTTP_X_FLOWPINS_TOKEN=token,
+        )
+        assert added.status_code == 200 and added.json()["flow"]["id"] == extra[0]
+        assert Flow.objects.filter(flow_id=extra[0], source=Flow.Source.USER).exists()
+        assert extra[0] in shown_flow_ids(open_app(client, sandbox, 2))
+    refused = client.post(
+        "/flows/api/add",
+        data=json.dumps({"flow": str(hidden[0])}),
+        content_type="application/json",
+        HTTP_X_FLOWPINS_TOKEN=token,
+    )
+    assert refused.status_code == 404
+    assert not Flow.objects.filter(flow_id=hidden[0], source=Flow.Source.USER).exists()
+    garbage = client.post(
+        "/flows/api/add",
+        data=json.dumps({"flow": "no number here"}),
+        content_type="application/json",
+        HTTP_X_FLOWPINS_TOKEN=token,
+    )
+    assert garbage.status_code == 400
