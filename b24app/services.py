@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from django.conf import settings
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
@@ -238,6 +238,30 @@ def call_with_user(
     except PortalGone as exc:
         mark_portal_needs_reinstall(portal.pk, f"{exc.code}: {exc.description}")
         raise ReinstallRequired(exc.code) from None
+
+
+# Refresh tokens live 180 days; a chain unused this long is refreshed before it dies.
+KEEP_ALIVE_AFTER = timedelta(days=150)
+
+
+def keep_idle_tokens_alive(*, limit: int = 500) -> int:
+    """Refresh the tokens of users whose chain has not moved for KEEP_ALIVE_AFTER."""
+    cutoff = timezone.now() - KEEP_ALIVE_AFTER
+    idle = (
+        PortalUser.objects.filter(state=PortalUser.State.ACTIVE, portal__state=Portal.State.ACTIVE)
+        .exclude(refresh_token="")
+        .filter(last_seen_at__lt=cutoff)
+        .filter(models.Q(refreshed_at__isnull=True) | models.Q(refreshed_at__lt=cutoff))
+        .defer("access_token", "refresh_token")[:limit]
+    )
+    refreshed = 0
+    for user in idle:
+        try:
+            refresh_user_token(user.pk, user.token_version)
+            refreshed += 1
+        except (ReopenRequired, ReinstallRequired, BitrixError) as exc:
+            log.info("keep-alive refresh for a user of %s failed: %s", user.portal_id, exc)
+    return refreshed
 
 
 def admin_user(portal: Portal) -> PortalUser:

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import logging
 import random
+from typing import Any
 
-from celery import shared_task
+from celery import bootsteps, shared_task
 
 from b24app import services
 from b24app.bitrix.errors import RateLimited, TransientError
+from b24app.celery import app
 from b24app.models import Portal
 
 log = logging.getLogger(__name__)
+
+MAINTENANCE_SECONDS = 3600
 
 
 @shared_task(name="b24app.bind_handlers", bind=True, max_retries=8, acks_late=True)
@@ -38,3 +42,36 @@ def bind_handlers(self, *, portal_id: int) -> str:  # type: ignore[no-untyped-de
 @shared_task(name="b24app.prune_call_log", acks_late=True)
 def prune_call_log() -> int:
     return services.prune_call_log()
+
+
+@shared_task(name="b24app.keep_tokens_alive", acks_late=True)
+def keep_tokens_alive() -> int:
+    """Refresh chains idle for months: a refresh token dies after 180 days unused. Safe to run
+    on several workers at once: each refresh is the locked, double-checked one."""
+    return services.keep_idle_tokens_alive()
+
+
+class Maintenance(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Hourly housekeeping on every worker (duplicates are harmless): drop REST call metadata
+    past its retention, and keep idle users' refresh chains alive."""
+
+    requires = {"celery.worker.consumer.tasks:Tasks"}
+
+    def start(self, parent: Any) -> None:
+        self.timer = parent.timer.call_repeatedly(MAINTENANCE_SECONDS, run_maintenance)
+
+    def stop(self, parent: Any) -> None:
+        timer = getattr(self, "timer", None)
+        if timer is not None:
+            timer.cancel()
+
+
+def run_maintenance() -> None:
+    try:
+        prune_call_log.delay()
+        keep_tokens_alive.delay()
+    except Exception:
+        log.warning("could not queue maintenance", exc_info=True)
+
+
+app.steps["consumer"].add(Maintenance)

@@ -217,3 +217,22 @@ def test_no_secret_reaches_the_logs(sandbox: Any, caplog: pytest.LogCaptureFixtu
     for secret in secrets:
         assert secret, secrets.index(secret)
         assert secret not in text
+
+
+def test_an_idle_chain_is_refreshed_before_its_refresh_token_dies(sandbox: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    client = Client()
+    install(client, sandbox)
+    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200
+    long_ago = timezone.now() - timedelta(days=160)
+    PortalUser.objects.filter(user_id=2).update(last_seen_at=long_ago, refreshed_at=None)
+    old = PortalUser.objects.get(user_id=2)
+    assert services.keep_idle_tokens_alive() == 1  # user 1 was active recently: left alone
+    fresh = PortalUser.objects.get(user_id=2)
+    assert fresh.refresh_token != old.refresh_token and fresh.refreshed_at is not None
+    assert state(sandbox)["counters"]["refresh_ok"] == 1
+    assert services.keep_idle_tokens_alive() == 0  # and not again the next hour
+    assert _profile(fresh)["ID"] == "2"
