@@ -258,6 +258,13 @@ def _available_placements(token: TokenPair) -> list[str]:
     return [code for code, (scope, _) in PLACEMENTS.items() if scope in granted]
 
 
+def _placement_code(p: dict[str, Any]) -> str:
+    raw = p.get("PLACEMENT")
+    if raw is not None and not isinstance(raw, str):
+        raise RestError(400, "ERROR_ARGUMENT", "Argument 'PLACEMENT' must be of type string")
+    return (raw or "").upper()
+
+
 @method("placement.list", scopes=("placement",))
 def placement_list(ctx: CallContext, params: dict[str, Any]) -> Any:
     return _available_placements(ctx.token)
@@ -267,10 +274,7 @@ def placement_list(ctx: CallContext, params: dict[str, Any]) -> Any:
 def placement_bind(ctx: CallContext, params: dict[str, Any]) -> Any:
     _require_admin(ctx)
     p = upper_keys(params)
-    raw = p.get("PLACEMENT")
-    if raw is not None and not isinstance(raw, str):
-        raise RestError(400, "ERROR_ARGUMENT", "Argument 'PLACEMENT' must be of type string")
-    code = (raw or "").upper()
+    code = _placement_code(p)
     handler = _text(p.get("HANDLER"))
     if code == "":
         raise RestError(400, "ERROR_ARGUMENT", "The placement code is not specified")
@@ -323,10 +327,7 @@ def placement_bind(ctx: CallContext, params: dict[str, Any]) -> Any:
 def placement_unbind(ctx: CallContext, params: dict[str, Any]) -> Any:
     _require_admin(ctx)
     p = upper_keys(params)
-    raw = p.get("PLACEMENT")
-    if raw is not None and not isinstance(raw, str):
-        raise RestError(400, "ERROR_ARGUMENT", "Argument 'PLACEMENT' must be of type string")
-    code = (raw or "").upper()
+    code = _placement_code(p)
     if not code:
         raise _argument_null("PLACEMENT")
     handler = _text(p.get("HANDLER"))
