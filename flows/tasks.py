@@ -15,6 +15,8 @@ from typing import Any
 
 from celery import bootsteps, shared_task
 from celery.signals import worker_ready
+from django.db import DatabaseError
+from redis.exceptions import RedisError
 
 from b24app.bitrix.ratelimit import redis_client
 from b24app.celery import app
@@ -57,6 +59,17 @@ def enqueue_converge(portal_id: int, user_id: int, *, delay: float = COALESCE_SE
             raise
 
 
+def _outage_backoff(portal_id: int, user_id: int, at_least: float) -> float:
+    """Jittered exponential backoff, counted per user (not per task), capped at a minute."""
+    try:
+        failures = int(redis_client().incr(_failures_key(portal_id, user_id)))
+        redis_client().expire(_failures_key(portal_id, user_id), 3600)
+    except RedisError:
+        failures = 4
+    backoff = max(at_least, min(60.0, 0.5 * 2.0 ** min(failures - 1, 7)))
+    return float(backoff + random.uniform(0, backoff / 2))
+
+
 def _run_finished(portal_id: int, user_id: int) -> None:
     redis_client().delete(_queued_key(portal_id, user_id))
     # A click that committed while this run was finishing saw it "in flight" and queued nothing:
@@ -73,6 +86,11 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str
     except services.Busy:
         # A duplicate run (after a restart or a sweep) holds the lock; come back shortly.
         raise self.retry(countdown=random.uniform(0.2, 0.6)) from None
+    except (DatabaseError, RedisError) as exc:
+        # Our own infrastructure blinked (a failover, a restart): the intents are safe in the
+        # database, so back off and try again like any outage.
+        log.warning("convergence for a user of portal %s paused: %s", portal_id, type(exc).__name__)
+        raise self.retry(countdown=_outage_backoff(portal_id, user_id, 1.0)) from None
     except services.RetryLater as exc:
         if exc.delay < 0:
             _run_finished(portal_id, user_id)
@@ -81,13 +99,13 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str
             # The shared bucket said exactly when there is room: come back then (plus a hair,
             # so the waiting users of one portal do not all arrive at the same instant).
             countdown = exc.delay + random.uniform(0, 0.05)
-        else:  # an outage or a lost answer: jittered exponential backoff per user, capped
-            failures = int(redis_client().incr(_failures_key(portal_id, user_id)))
-            redis_client().expire(_failures_key(portal_id, user_id), 3600)
-            backoff = max(exc.delay, min(60.0, 0.5 * 2 ** min(failures - 1, 7)))
-            countdown = backoff + random.uniform(0, backoff / 2)
+        else:  # an outage or a lost answer
+            countdown = _outage_backoff(portal_id, user_id, exc.delay)
         redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL + int(countdown) + 1)
         raise self.retry(countdown=countdown) from None
+    except Exception:
+        _run_finished(portal_id, user_id)  # let the next click or the sweep start afresh
+        raise
     redis_client().delete(_failures_key(portal_id, user_id))
     _run_finished(portal_id, user_id)
     return result
