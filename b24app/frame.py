@@ -80,7 +80,7 @@ def _field(data: QueryDict, name: str, *, required: bool = True, limit: int = 20
     return value
 
 
-def _vouch(server_endpoint: str, access_token: str, member_id: str) -> oauth.AppInfo:
+def vouch_for_token(server_endpoint: str, access_token: str, member_id: str) -> oauth.AppInfo:
     """Ask the allow-listed OAuth server who this token belongs to (cached briefly)."""
     try:
         oauth.trusted_server_base(server_endpoint)
@@ -147,7 +147,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
     lang = (request.GET.get("LANG") or "").lower()[:5]
     lang = lang if lang in LANGS else "en"
 
-    info = _vouch(server_endpoint, access_token, member_id)
+    info = vouch_for_token(server_endpoint, access_token, member_id)
     portal = Portal.objects.filter(member_id=info.member_id).first()
     if portal is not None and portal.is_active and portal.application_token and not installing:
         if not tokens_equal(application_token, portal.application_token):
@@ -222,7 +222,7 @@ def verify_event(request: HttpRequest) -> VerifiedEvent:
     # No stored token matches. Only an event carrying an access token can be vouched for by the
     # OAuth server: the first install, a reinstall, or an update with a new application_token.
     if name in {"ONAPPINSTALL", "ONAPPUPDATE"} and auth.get("access_token") and given:
-        info = _vouch(auth.get("server_endpoint", ""), auth["access_token"], member_id)
+        info = vouch_for_token(auth.get("server_endpoint", ""), auth["access_token"], member_id)
         if name == "ONAPPUPDATE" and not known:
             raise Refused(403, "Refused: update for a portal that has not installed the app.")
         return VerifiedEvent(name, member_id, auth, _brackets(data, "data"), portal, info)

@@ -150,7 +150,7 @@ def events(request: HttpRequest) -> HttpResponse:
         assert event.info is not None or event.portal is not None
         info = event.info
         if info is None:  # a matching application_token: vouch for the token anyway
-            info = frame._vouch(
+            info = frame.vouch_for_token(
                 auth.get("server_endpoint", ""), auth.get("access_token", ""), event.member_id
             )
         portal = services.portal_install(
