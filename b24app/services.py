@@ -216,8 +216,8 @@ def call_with_user(
 ) -> T:
     """Run `action(client, access_token)` with this user's token: refresh lazily (on a passed
     expiry or on expired_token), under the lock, and retry the action once."""
-    user.refresh_from_db()
-    portal = Portal.objects.get(pk=user.portal_id)
+    user = PortalUser.objects.select_related("portal").get(pk=user.pk)  # the latest tokens
+    portal = user.portal
     if not portal.is_active:
         raise ReinstallRequired(portal.state_reason or "the app is not installed")
     if user.state != PortalUser.State.ACTIVE or not user.has_tokens:

@@ -138,7 +138,7 @@ def app(request: HttpRequest) -> HttpResponse:
     translation.activate(verified.lang)
     from flows.views import app_page  # the page users see lives with the flows
 
-    page = app_page(request, portal=portal, user=user, verified=verified)
+    page = app_page(request, portal=portal, user=user)
     return framed(request, page, portal.origin)
 
 

@@ -9,6 +9,7 @@ answer makes the state unknown (None) — the next answer tells the truth.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -73,15 +74,11 @@ def snapshot_get(portal: Portal, user_id: int) -> Snapshot | None:
     raw = redis_client().get(_snapshot_key(portal, user_id))
     if raw is None:
         return None
-    import json
-
     data = json.loads(raw)
     return Snapshot(flows=data["flows"], fetched_at=data["fetched_at"], source=data["source"])
 
 
 def _snapshot_put(portal: Portal, user_id: int, snap: Snapshot) -> None:
-    import json
-
     redis_client().set(_snapshot_key(portal, user_id), json.dumps(asdict(snap)), ex=SNAPSHOT_TTL)
 
 

@@ -146,9 +146,7 @@ def json_for_script(value: Any) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003C").replace(">", "\\u003E")
 
 
-def app_page(
-    request: HttpRequest, *, portal: Portal, user: PortalUser, verified: Any
-) -> HttpResponse:
+def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpResponse:
     """Render the user's flows: a recent snapshot at once (refreshed in the background), or one
     call per 50 flows when there is none."""
     problem = ""
