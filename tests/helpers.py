@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,3 +48,36 @@ def install(client: Client, sandbox: Any, portal: str = "alpha") -> Any:
     assert response.status_code == 200, response.content[:500]
     sb(sandbox, f"p/{portal}/install_finish", {})
     return response
+
+
+def page_token(response: Any) -> str:
+    """The signed token a rendered app page carries for its own requests."""
+    match = re.search(r'data-token="([^"]+)"', response.content.decode())
+    assert match, "the page carries no token"
+    return match.group(1)
+
+
+def open_page(
+    client: Client, sandbox: Any, user_id: int, portal: str = "alpha", lang: str = "en"
+) -> Any:
+    """Open the app as this user, as the portal's frame does; the page must render."""
+    response = post_frame(client, launch(sandbox, portal, user_id, lang=lang))
+    assert response.status_code == 200, response.content[:400]
+    return response
+
+
+def open_app(
+    client: Client, sandbox: Any, user_id: int, portal: str = "alpha", lang: str = "en"
+) -> str:
+    """Open the app as this user; returns the page token."""
+    return page_token(open_page(client, sandbox, user_id, portal, lang))
+
+
+def visible_to(sandbox: Any, user_id: int, portal: str = "alpha") -> list[int]:
+    """The flows Bitrix24 lets this user see, by the sandbox's own rules."""
+    return sorted(f["id"] for f in state(sandbox, portal)["flows"] if user_id in f["visible_to"])
+
+
+def portal_pins(sandbox: Any, user_id: int, portal: str = "alpha") -> set[int]:
+    """What Bitrix24 itself records as pinned for this user."""
+    return set(state(sandbox, portal)["pins"].get(str(user_id), []))

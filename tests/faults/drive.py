@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -11,27 +10,8 @@ import requests
 from django.test import Client
 
 from flows.models import PinIntent
-from tests.helpers import launch, post_frame, state
 
 TOKEN_HEADER = "X-Flowpins-Token"
-
-
-def open_app(client: Client, sandbox: Any, user_id: int, portal: str = "alpha") -> str:
-    """Open the app as this user (a verified frame POST); returns the page token."""
-    response = post_frame(client, launch(sandbox, portal, user_id, lang="en"))
-    assert response.status_code == 200, response.content[:400]
-    match = re.search(r'data-token="([^"]+)"', response.content.decode())
-    assert match, "the page carries no token"
-    return match.group(1)
-
-
-def visible_to(sandbox: Any, user_id: int, portal: str = "alpha") -> list[int]:
-    return sorted(f["id"] for f in state(sandbox, portal)["flows"] if user_id in f["visible_to"])
-
-
-def portal_pins(sandbox: Any, user_id: int, portal: str = "alpha") -> set[int]:
-    """What Bitrix24 itself records as pinned for this user."""
-    return set(state(sandbox, portal)["pins"].get(str(user_id), []))
 
 
 def click(client: Client, token: str, flow_ids: list[int], pinned: bool) -> Any:

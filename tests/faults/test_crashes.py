@@ -14,17 +14,9 @@ from django.test import Client
 from b24app.models import RestCall
 from flows.models import PinIntent
 from tests.faults.conftest import PrivateStack
-from tests.faults.drive import (
-    assert_all_done_and_true,
-    click_http,
-    desired_pins,
-    open_app,
-    portal_pins,
-    visible_to,
-    wait_settled,
-)
+from tests.faults.drive import assert_all_done_and_true, click_http, desired_pins, wait_settled
 from tests.faults.stack import stop, wait_until
-from tests.helpers import install, launch, sb, state
+from tests.helpers import install, launch, open_app, portal_pins, sb, state, visible_to
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 

@@ -11,16 +11,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from tests.faults.drive import (
-    assert_all_done_and_true,
-    click,
-    desired_pins,
-    open_app,
-    portal_pins,
-    visible_to,
-    wait_settled,
-)
-from tests.helpers import install, sb, state
+from tests.faults.drive import assert_all_done_and_true, click, desired_pins, wait_settled
+from tests.helpers import install, open_app, portal_pins, sb, state, visible_to
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 

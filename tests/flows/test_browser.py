@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from tests.helpers import install, state
+from tests.helpers import install, portal_pins
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.services]
 
@@ -41,10 +41,6 @@ def browser() -> Iterator[Any]:
         chromium = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
-
-
-def pins(sandbox: Any, user_id: int) -> set[int]:
-    return set(state(sandbox)["pins"].get(str(user_id), []))
 
 
 @pytest.fixture
@@ -79,14 +75,14 @@ def test_a_user_pins_and_unpins_inside_the_portal_frame(
     button.click()
     row.locator(".pin-btn:not(.busy)", has_text="Unpin").wait_for(timeout=20000)
     assert row.locator(".state").inner_text() == "Pinned."
-    assert pins(sandbox, 2) == {flow_id}
-    assert pins(sandbox, 3) == set()  # another user's pins stay untouched
+    assert portal_pins(sandbox, 2) == {flow_id}
+    assert portal_pins(sandbox, 3) == set()  # another user's pins stay untouched
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "flows-page.png"), full_page=True)
     row = frame.locator(f'tr[data-flow-id="{flow_id}"]')
     row.locator(".pin-btn").click()
     row.locator(".pin-btn:not(.busy)", has_text="Pin").wait_for(timeout=20000)
-    assert pins(sandbox, 2) == set()
+    assert portal_pins(sandbox, 2) == set()
 
 
 def test_the_russian_page_and_markup_in_names_shown_as_text(page_for: Any) -> None:

@@ -14,17 +14,9 @@ from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
 from flows.models import Flow, PinIntent
 from flows.services import _snapshot_key
-from tests.helpers import install, launch, post_frame, sb, state
+from tests.helpers import install, open_page, page_token, sb, state, visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def open_app(
-    client: Client, sandbox: Any, user_id: int, portal: str = "alpha", lang: str = "en"
-) -> Any:
-    response = post_frame(client, launch(sandbox, portal, user_id, lang=lang))
-    assert response.status_code == 200, response.content[:400]
-    return response
 
 
 def page_rows(response: Any) -> list[dict[str, Any]]:
@@ -42,16 +34,12 @@ def shown_flow_ids(response: Any) -> list[int]:
     return [int(row["id"]) for row in page_rows(response)]
 
 
-def visible_to(sandbox: Any, user_id: int) -> set[int]:
-    return {f["id"] for f in state(sandbox)["flows"] if user_id in f["visible_to"]}
-
-
 def test_each_user_sees_exactly_the_flows_bitrix24_shows_them(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox)
     for user_id in (1, 2, 3, 4):
-        shown = set(shown_flow_ids(open_app(client, sandbox, user_id)))
-        assert shown == visible_to(sandbox, user_id), user_id
+        shown = set(shown_flow_ids(open_page(client, sandbox, user_id)))
+        assert shown == set(visible_to(sandbox, user_id)), user_id
     assert visible_to(sandbox, 2) != visible_to(sandbox, 3)
 
 
@@ -60,7 +48,7 @@ def test_flow_names_with_markup_render_as_text_and_the_frame_is_locked_to_the_po
 ) -> None:
     client = Client()
     install(client, sandbox)
-    response = open_app(client, sandbox, 1)
+    response = open_page(client, sandbox, 1)
     html = response.content.decode()
     assert "<script>alert(1)" not in html and "<b>Bold" not in html  # never markup in the page
     names = [row["name"] for row in page_rows(response)]
@@ -86,13 +74,13 @@ def page_messages(response: Any) -> dict[str, str]:
 def test_the_page_speaks_russian_and_english(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox)
-    ru = open_app(client, sandbox, 2, lang="ru")
+    ru = open_page(client, sandbox, 2, lang="ru")
     assert "Поиск потоков" in ru.content.decode() and "Закрепить все" in ru.content.decode()
     assert page_messages(ru)["pin"] == "Закрепить" and page_messages(ru)["unpin"] == "Открепить"
-    en = open_app(client, sandbox, 2, lang="en")
+    en = open_page(client, sandbox, 2, lang="en")
     assert "Search flows" in en.content.decode() and "Поиск" not in en.content.decode()
     assert page_messages(en)["pin"] == "Pin"
-    fallback = open_app(client, sandbox, 2, lang="de")
+    fallback = open_page(client, sandbox, 2, lang="de")
     assert page_messages(fallback)["pin"] == "Pin"
 
 
@@ -101,12 +89,12 @@ def test_one_rest_call_per_50_flows_then_the_snapshot_renders_without_any(sandbo
     install(client, sandbox)
     sb(sandbox, "p/alpha/flows", {"count": 120, "visible_to_all": True})
     before = state(sandbox)["counters"]["calls"].get("tasks.flow.Flow.list", 0)
-    first = open_app(client, sandbox, 2)
+    first = open_page(client, sandbox, 2)
     calls = state(sandbox)["counters"]["calls"].get("tasks.flow.Flow.list", 0) - before
     total = len(visible_to(sandbox, 2))
     assert total > 120 and len(shown_flow_ids(first)) == total
     assert calls == total // 50 + 1  # pages of 50 until a short page
-    second = open_app(client, sandbox, 2)
+    second = open_page(client, sandbox, 2)
     assert state(sandbox)["counters"]["calls"].get("tasks.flow.Flow.list", 0) - before == calls
     assert shown_flow_ids(second) == shown_flow_ids(first)
 
@@ -114,12 +102,12 @@ def test_one_rest_call_per_50_flows_then_the_snapshot_renders_without_any(sandbo
 def test_older_portals_without_flow_list_learn_flows_from_tasks_and_memory(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox)
-    open_app(client, sandbox, 1)  # the admin's list teaches the app every flow of the portal
+    open_page(client, sandbox, 1)  # the admin's list teaches the app every flow of the portal
     assert Flow.objects.count() == len(state(sandbox)["flows"])
     sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})
     redis_client().delete(_snapshot_key(Portal.objects.get(), 2))  # a fresh render for user 2
-    response = open_app(client, sandbox, 2)
-    assert set(shown_flow_ids(response)) == visible_to(sandbox, 2)
+    response = open_page(client, sandbox, 2)
+    assert set(shown_flow_ids(response)) == set(visible_to(sandbox, 2))
     counters = state(sandbox)["counters"]["calls"]
     assert counters.get("tasks.task.list", 0) >= 1
     assert counters.get("tasks.flow.Flow.get", 0) >= 1  # read inside batch calls
@@ -128,7 +116,7 @@ def test_older_portals_without_flow_list_learn_flows_from_tasks_and_memory(sandb
 def test_pinned_flows_come_first(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox)
-    ids = shown_flow_ids(open_app(client, sandbox, 2))
+    ids = shown_flow_ids(open_page(client, sandbox, 2))
     last = ids[-1]
     PinIntent.objects.create(
         portal=Portal.objects.get(),
@@ -138,20 +126,20 @@ def test_pinned_flows_come_first(sandbox: Any) -> None:
         observed=True,
         status=PinIntent.Status.DONE,
     )
-    reordered = shown_flow_ids(open_app(client, sandbox, 2))
+    reordered = shown_flow_ids(open_page(client, sandbox, 2))
     assert reordered[0] == last
-    assert page_rows(open_app(client, sandbox, 2))[0]["pinned"] is True
+    assert page_rows(open_page(client, sandbox, 2))[0]["pinned"] is True
 
 
 def test_a_user_adds_a_flow_by_its_link_and_it_is_remembered(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox)
     sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})  # an older portal
-    response = open_app(client, sandbox, 2)
-    token = re.search(r'data-token="([^"]+)"', response.content.decode()).group(1)
+    response = open_page(client, sandbox, 2)
+    token = page_token(response)
     shown = set(shown_flow_ids(response))
-    extra = sorted(visible_to(sandbox, 2) - shown)
-    hidden = sorted(visible_to(sandbox, 1) - visible_to(sandbox, 2))
+    extra = sorted(set(visible_to(sandbox, 2)) - shown)
+    hidden = sorted(set(visible_to(sandbox, 1)) - set(visible_to(sandbox, 2)))
     if extra:  # a flow the user may see without a visible task: learnt only when added
         link = f"https://alpha.example/workgroups/group/0/tasks/flow/?ID={extra[0]}"
         added = client.post(
@@ -162,7 +150,7 @@ def test_a_user_adds_a_flow_by_its_link_and_it_is_remembered(sandbox: Any) -> No
         )
         assert added.status_code == 200 and added.json()["flow"]["id"] == extra[0]
         assert Flow.objects.filter(flow_id=extra[0], source=Flow.Source.USER).exists()
-        assert extra[0] in shown_flow_ids(open_app(client, sandbox, 2))
+        assert extra[0] in shown_flow_ids(open_page(client, sandbox, 2))
     refused = client.post(
         "/flows/api/add",
         data=json.dumps({"flow": str(hidden[0])}),

@@ -4,7 +4,6 @@ against the simulated portal over HTTP, and the whole pipeline through a real Ce
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -14,26 +13,9 @@ from django.test import Client
 from b24app.models import Portal, PortalUser
 from flows import services
 from flows.models import PinIntent
-from tests.helpers import install, launch, post_frame, sb, state
+from tests.helpers import install, open_app, portal_pins, sb, state, visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def open_app(client: Client, sandbox: Any, user_id: int, lang: str = "en") -> str:
-    response = post_frame(client, launch(sandbox, "alpha", user_id, lang=lang))
-    assert response.status_code == 200, response.content[:400]
-    html = response.content.decode()
-    match = re.search(r'data-token="([^"]+)"', html)
-    assert match
-    return match.group(1)
-
-
-def visible_to(sandbox: Any, user_id: int) -> list[int]:
-    return sorted(f["id"] for f in state(sandbox)["flows"] if user_id in f["visible_to"])
-
-
-def pins(sandbox: Any, user_id: int) -> set[int]:
-    return set(state(sandbox)["pins"].get(str(user_id), []))
 
 
 def converge(user_id: int, rounds: int = 60) -> dict[str, int]:
@@ -68,8 +50,8 @@ def test_a_pin_toggles_once_for_the_clicking_user_only(portal: Any) -> None:
     flow = visible_to(portal, 2)[0]
     want(2, [flow], True)
     converge(2)
-    assert pins(portal, 2) == {flow}
-    assert pins(portal, 3) == set() and pins(portal, 1) == set()
+    assert portal_pins(portal, 2) == {flow}
+    assert portal_pins(portal, 3) == set() and portal_pins(portal, 1) == set()
     intent = PinIntent.objects.get(user_id=2, flow_id=flow)
     assert (intent.status, intent.observed, intent.toggles) == ("done", True, 1)
     assert state(portal)["counters"]["pin_toggles"] == 1
@@ -80,7 +62,7 @@ def test_a_flow_pinned_in_bitrix24_itself_goes_round_again(portal: Any) -> None:
     sb(portal, "p/alpha/pins", {"user_id": 2, "flow_ids": [flow], "pinned": True})
     want(2, [flow], True)  # the app did not know: the first toggle answers False
     converge(2)
-    assert pins(portal, 2) == {flow}
+    assert portal_pins(portal, 2) == {flow}
     assert PinIntent.objects.get(flow_id=flow, user_id=2).toggles == 2
 
 
@@ -89,12 +71,12 @@ def test_pin_unpin_pin_clicked_fast_ends_in_the_last_click(portal: Any) -> None:
     for desired in (True, False, True):
         want(2, [flow], desired)
     converge(2)
-    assert pins(portal, 2) == {flow}
+    assert portal_pins(portal, 2) == {flow}
     want(2, [flow], False)
     want(2, [flow], True)
     want(2, [flow], False)
     converge(2)
-    assert pins(portal, 2) == set()
+    assert portal_pins(portal, 2) == set()
 
 
 def test_a_flow_the_user_cannot_see_fails_in_words(portal: Any) -> None:
@@ -103,7 +85,7 @@ def test_a_flow_the_user_cannot_see_fails_in_words(portal: Any) -> None:
     converge(2)
     intent = PinIntent.objects.get(flow_id=hidden, user_id=2)
     assert (intent.status, intent.problem) == ("failed", "denied")
-    assert pins(portal, 2) == set()
+    assert portal_pins(portal, 2) == set()
 
 
 def test_120_pins_go_out_in_a_few_batches_with_every_state_right(portal: Any) -> None:
@@ -120,7 +102,7 @@ def test_120_pins_go_out_in_a_few_batches_with_every_state_right(portal: Any) ->
     before = state(portal)["counters"]["calls"].get("batch", 0)
     converge(2)
     batches = state(portal)["counters"]["calls"].get("batch", 0) - before
-    assert pins(portal, 2) == set(ids)
+    assert portal_pins(portal, 2) == set(ids)
     assert batches <= 5  # 123 pins: 3 batches, then one more for the pre-pinned third
     assert PinIntent.objects.filter(user_id=2, status="done").count() == 120
     assert set(
@@ -138,7 +120,7 @@ def test_lost_answers_after_the_toggle_never_leave_a_wrong_state(portal: Any) ->
     converge(2)
     want(2, half[:1], False)
     converge(2)
-    assert pins(portal, 2) == set(half[1:])
+    assert portal_pins(portal, 2) == set(half[1:])
     assert state(portal)["counters"]["dropped_responses"] > 0
     assert all(i.status == "done" for i in PinIntent.objects.filter(user_id=2))
 
@@ -189,12 +171,12 @@ def test_clicks_converge_through_the_worker_for_two_users_at_once(
     done2, done3 = wait_done(client, token2), wait_done(client, token3)
     assert {i["flow_id"] for i in done2 if i["observed"]} == set(f2)
     assert {i["flow_id"] for i in done3 if i["observed"]} == set(f3)
-    assert pins(sandbox, 2) == set(f2) and pins(sandbox, 3) == set(f3)
+    assert portal_pins(sandbox, 2) == set(f2) and portal_pins(sandbox, 3) == set(f3)
     assert all(i["message"] == "Pinned." for i in done2)
     # unpin one through the same path
     assert click(client, token2, {"flow_id": f2[0], "pinned": False}).status_code == 202
     wait_done(client, token2)
-    assert pins(sandbox, 2) == set(f2[1:])
+    assert portal_pins(sandbox, 2) == set(f2[1:])
 
 
 def test_the_pin_endpoint_refuses_bad_input_and_records_nothing(portal: Any) -> None:
@@ -230,8 +212,7 @@ def test_the_pin_endpoint_refuses_bad_input_and_records_nothing(portal: Any) -> 
 def test_a_page_token_acts_only_for_its_own_user_and_portal(portal: Any) -> None:
     client = Client()
     install(client, portal, "beta")
-    beta_admin_token = post_frame(client, launch(portal, "beta", 1)).content.decode()
-    beta_token = re.search(r'data-token="([^"]+)"', beta_admin_token).group(1)
+    beta_token = open_app(client, portal, 1, "beta")
     flow = visible_to(portal, 2)[0]
     assert click(client, beta_token, {"flow_id": flow, "pinned": True}).status_code in (202, 503)
     intent = PinIntent.objects.get()
@@ -251,7 +232,7 @@ def test_more_settled_intents_than_one_window_all_finish(portal: Any) -> None:
     converge(2)
     assert PinIntent.objects.filter(user_id=2, status="pending").count() == 0
     assert state(portal)["counters"]["pin_toggles"] == before
-    assert pins(portal, 2) == set(ids)
+    assert portal_pins(portal, 2) == set(ids)
 
 
 @pytest.mark.services
@@ -268,6 +249,6 @@ def test_a_users_120_pins_through_the_worker_take_a_few_batch_requests(
     assert click(client, token, {"flow_ids": ids, "pinned": True}).status_code == 202
     done = wait_done(client, token)
     assert len(done) == 120 and all(i["observed"] is True for i in done)
-    assert pins(sandbox, 2) == set(ids)
+    assert portal_pins(sandbox, 2) == set(ids)
     assert state(sandbox)["counters"]["calls"].get("batch", 0) - before <= 5
     assert state(sandbox)["counters"]["http_503"] == 0

@@ -20,9 +20,9 @@ from django.test import Client
 
 from b24app import crypto
 from b24app.models import Portal, PortalUser
-from tests.faults.drive import click, open_app, visible_to, wait_settled
+from tests.faults.drive import click, wait_settled
 from tests.faults.stack import wait_until
-from tests.helpers import install, launch, post_frame, sb, state
+from tests.helpers import install, launch, open_app, page_token, post_frame, sb, state, visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,7 +82,7 @@ def test_no_secret_in_any_log_line_url_page_or_broker_message(
         sb(sandbox, "p/alpha/install_finish", {})
         launches = [launch(sandbox, "alpha", user, lang="en") for user in (1, 2)]
         pages += [post_frame(client, launched) for launched in launches]
-        tokens = {user: _page_token(page) for user, page in zip((1, 2), pages[1:], strict=True)}
+        tokens = {user: page_token(page) for user, page in zip((1, 2), pages[1:], strict=True)}
         # An update event brings a token pair of its own, and queues work for the worker.
         update = sb(sandbox, "p/alpha/event", {"event": "ONAPPUPDATE", "deliver": False})
         event = dict(update["deliveries"][0]["payload"])
@@ -157,12 +157,6 @@ def test_no_secret_in_any_log_line_url_page_or_broker_message(
     ]
     assert all(secrets.values()), [k for k, v in secrets.items() if not v]
     assert leaks == []
-
-
-def _page_token(page: Any) -> str:
-    match = re.search(r'data-token="([^"]+)"', page.content.decode())
-    assert match, page.content[:300]
-    return match.group(1)
 
 
 def test_tokens_in_the_database_are_unreadable_without_the_key(sandbox: Any, settings: Any) -> None:

@@ -15,8 +15,8 @@ from django.test import Client
 from b24app.models import Portal
 from flows.models import Flow, PinIntent
 from flows.views import TOKEN_SALT
-from tests.faults.drive import click, open_app, portal_pins, wait_settled
-from tests.helpers import install, sb, state
+from tests.faults.drive import click, wait_settled
+from tests.helpers import install, open_app, portal_pins, sb, state
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
