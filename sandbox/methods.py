@@ -258,6 +258,17 @@ def _available_placements(token: TokenPair) -> list[str]:
     return [code for code, (scope, _) in PLACEMENTS.items() if scope in granted]
 
 
+_Binding = TypeVar("_Binding", PlacementBinding, EventBinding)
+
+
+def _without(
+    bindings: list[_Binding], match: Callable[[_Binding], bool], user_id: int | None
+) -> tuple[list[_Binding], int]:
+    """The bindings an unbind leaves, and how many it removed (of one user's, if given)."""
+    keep = [b for b in bindings if not (match(b) and (user_id is None or b.user_id == user_id))]
+    return keep, len(bindings) - len(keep)
+
+
 def _placement_code(p: dict[str, Any]) -> str:
     raw = p.get("PLACEMENT")
     if raw is not None and not isinstance(raw, str):
@@ -332,17 +343,11 @@ def placement_unbind(ctx: CallContext, params: dict[str, Any]) -> Any:
         raise _argument_null("PLACEMENT")
     handler = _text(p.get("HANDLER"))
     user_filter = _int(p.get("USER_ID")) if "USER_ID" in p else None
-    keep: list[PlacementBinding] = []
-    count = 0
-    for binding in ctx.portal.placements:
-        hit = binding.placement == code and (not handler or binding.handler == handler)
-        if hit and user_filter is not None:
-            hit = binding.user_id == user_filter
-        if hit:
-            count += 1
-        else:
-            keep.append(binding)
-    ctx.portal.placements = keep
+    ctx.portal.placements, count = _without(
+        ctx.portal.placements,
+        lambda b: b.placement == code and (not handler or b.handler == handler),
+        user_filter,
+    )
     return {"count": count}
 
 
@@ -463,17 +468,11 @@ def event_unbind(ctx: CallContext, params: dict[str, Any]) -> Any:
             user_filter = requested
         elif not ctx.user.admin:
             user_filter = ctx.user.id
-    keep: list[EventBinding] = []
-    count = 0
-    for binding in ctx.portal.events:
-        hit = binding.event == name and binding.handler == handler and binding.offline == offline
-        if hit and user_filter is not None:
-            hit = binding.user_id == user_filter
-        if hit:
-            count += 1
-        else:
-            keep.append(binding)
-    ctx.portal.events = keep
+    ctx.portal.events, count = _without(
+        ctx.portal.events,
+        lambda b: b.event == name and b.handler == handler and b.offline == offline,
+        user_filter,
+    )
     return {"count": count}
 
 
