@@ -28,9 +28,13 @@ COPY flows ./flows
 COPY sandbox ./sandbox
 COPY templates ./templates
 COPY locale ./locale
-# collectstatic needs settings but no real secret: throwaway values for this one command only.
-RUN DEBUG=0 SECRET_KEY=collectstatic B24_TOKEN_KEY=collectstatic B24_CLIENT_ID=x \
-    B24_CLIENT_SECRET=x ALLOWED_HOSTS=localhost python manage.py collectstatic --noinput -v0
+# collectstatic needs settings but no real secret: random throwaway values, generated for this
+# one command (start-up refuses published placeholders outside DEBUG).
+RUN DEBUG=0 B24_CLIENT_ID=x B24_CLIENT_SECRET=x ALLOWED_HOSTS=localhost \
+    B24_APP_BASE_URL=https://build.invalid \
+    SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')" \
+    B24_TOKEN_KEY="$(python -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')" \
+    python manage.py collectstatic --noinput -v0
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \

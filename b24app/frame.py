@@ -1,12 +1,18 @@
-"""Verification of every request that claims to come from a portal. Nothing here writes.
+"""Verification of every request that claims to come from a portal. Nothing here writes
+(beyond the REST call log of the one `user.admin` question).
+
+Who may do what, and how it is checked:
 
 - Install and app POSTs: `SERVER_ENDPOINT` must be allow-listed; the OAuth server's `app.info`
   vouches for `AUTH_ID` (our client_id, the member_id); the portal's domain, REST endpoint and the
-  user come from that trusted answer, never from the POST. Once a portal holds an
-  application_token, `APPLICATION_TOKEN` must match it (constant time).
-- Events: `auth[member_id]` must be a known portal and `auth[application_token]` must match; an
-  event that carries an access token (ONAPPINSTALL, ONAPPUPDATE) may instead be vouched for by the
-  OAuth server — that is how a new application_token arrives.
+  user come from that trusted answer, never from the POST. An app POST's `APPLICATION_TOKEN` must
+  match the stored one (constant time). An install POST must come from a portal admin: the
+  portal itself answers `user.admin` for the vouched token.
+- Events: `auth[member_id]` must be a known portal and `auth[application_token]` must match —
+  but every user who opened the app has that token, so it proves "about this portal", not "sent
+  by Bitrix24". An event that installs, or replaces the stored application_token, also needs an
+  access token the OAuth server vouches for and the portal calls an admin's. An uninstall is
+  confirmed with the portal by the caller (see services.uninstall_verdict).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.http import HttpRequest, QueryDict
 
+from b24app import services
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal
@@ -32,6 +39,7 @@ log = logging.getLogger(__name__)
 LANGS = {"en", "ru"}
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._\-]{8,512}$")
 _MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+_SECONDS_RE = re.compile(r"^[0-9]{1,10}$")  # ASCII digits only: "²".isdigit() is True
 
 
 class Refused(Exception):
@@ -42,6 +50,11 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def parse_seconds(text: str) -> int | None:
+    """A count of seconds in ASCII digits, or None (int() would take "²" and then fail)."""
+    return int(text) if _SECONDS_RE.match(text) else None
 
 
 def tokens_equal(given: str, stored: str) -> bool:
@@ -80,14 +93,17 @@ def _field(data: QueryDict, name: str, *, required: bool = True, limit: int = 20
     return value
 
 
-def vouch_for_token(server_endpoint: str, access_token: str, member_id: str) -> oauth.AppInfo:
-    """Ask the allow-listed OAuth server who this token belongs to (cached briefly)."""
+def vouch_for_token(
+    server_endpoint: str, access_token: str, member_id: str, *, fresh: bool = False
+) -> oauth.AppInfo:
+    """Ask the allow-listed OAuth server who this token belongs to (cached briefly, unless
+    `fresh`: then Bitrix24 is asked again and the cache updated)."""
     try:
         oauth.trusted_server_base(server_endpoint)
     except oauth.UntrustedServer as exc:
         raise Refused(403, f"Refused: {exc.description}.") from None
     key = "fp:verify:" + hashlib.sha256(f"{server_endpoint}|{access_token}".encode()).hexdigest()
-    cached = cache.get(key)
+    cached = None if fresh else cache.get(key)
     if isinstance(cached, oauth.AppInfo):
         info = cached
     else:
@@ -116,6 +132,27 @@ def vouch_for_token(server_endpoint: str, access_token: str, member_id: str) -> 
     return info
 
 
+def require_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) -> None:
+    """Refuse unless the portal says this token's owner is an administrator."""
+    try:
+        admin = services.user_is_admin(info, server_endpoint, access_token)
+    except TransientError:
+        raise Refused(
+            503, "Bitrix24 did not answer whether you are an administrator; try again shortly."
+        ) from None
+    except (BitrixError, oauth.UntrustedServer) as exc:
+        raise Refused(
+            403, f"Refused: Bitrix24 did not confirm you are an administrator ({exc.code})."
+        ) from None
+    if not admin:
+        log.warning("portal %s: a non-admin tried to install or change the app", info.member_id)
+        raise Refused(
+            403,
+            "Only an administrator of this Bitrix24 can install, reinstall or update Flow Pins. "
+            "Nothing was changed.",
+        )
+
+
 def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFrame:
     """Check an install or app POST, as Bitrix24 sends it to the iframe."""
     data = request.POST
@@ -131,7 +168,8 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         raise Refused(400, "member_id is malformed.")
     if not _TOKEN_RE.match(access_token) or (refresh_token and not _TOKEN_RE.match(refresh_token)):
         raise Refused(400, "The authorization fields are malformed.")
-    if not expires_raw.isdigit():
+    expires_in = parse_seconds(expires_raw)
+    if expires_in is None:
         raise Refused(400, "AUTH_EXPIRES must be a number of seconds.")
     options: dict[str, Any] = {}
     if options_raw:
@@ -148,7 +186,14 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
     lang = lang if lang in LANGS else "en"
 
     info = vouch_for_token(server_endpoint, access_token, member_id)
+    opener = request.headers.get("Origin", "")
+    if opener and opener != "null" and opener != oauth.origin_of(info.client_endpoint):
+        # The frame's parent is not where the cached answer puts the portal: a rename, most
+        # likely. Ask Bitrix24 again rather than trust the cache (or the header).
+        info = vouch_for_token(server_endpoint, access_token, member_id, fresh=True)
     portal = Portal.objects.filter(member_id=info.member_id).first()
+    if installing:
+        require_admin(info, server_endpoint, access_token)
     if portal is not None and portal.is_active and portal.application_token and not installing:
         if not tokens_equal(application_token, portal.application_token):
             raise Refused(
@@ -168,7 +213,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         server_endpoint=server_endpoint,
         access_token=access_token,
         refresh_token=refresh_token,
-        expires_in=int(expires_raw),
+        expires_in=expires_in,
         application_token=application_token,
         scope=_field(data, "APPLICATION_SCOPE", required=False, limit=500),
         lang=lang,
@@ -180,6 +225,10 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
 # --- events -----------------------------------------------------------------------------------
 
 EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONAPPUNINSTALL"}
+# Lifecycle events Bitrix24 may post that need nothing from us (ONAPPUSERREADY goes to the
+# installer URL of every app): answered 200 and logged, with no side effect.
+ACKNOWLEDGED = {"ONAPPUSERREADY", "ONAPPPAYMENT", "ONAPPMETHODCONFIRM", "ONAPPTEST"}
+_EVENT_NAME_RE = re.compile(r"^[A-Z0-9_]{1,64}$")
 
 
 @dataclass(frozen=True)
@@ -190,6 +239,8 @@ class VerifiedEvent:
     data: dict[str, str]
     portal: Portal | None  # None only for the first ONAPPINSTALL of a portal
     info: oauth.AppInfo | None  # set when the OAuth server vouched for the event's token
+    new_application_token: bool = False  # the event replaces the stored application_token
+    admin: bool | None = None  # True when the portal confirmed the token's owner is an admin
 
 
 def _brackets(data: QueryDict, prefix: str) -> dict[str, str]:
@@ -200,16 +251,23 @@ def _brackets(data: QueryDict, prefix: str) -> dict[str, str]:
     return out
 
 
-def verify_event(request: HttpRequest) -> VerifiedEvent:
-    content_type = request.content_type or ""
-    if content_type != "application/x-www-form-urlencoded":
+def event_name(request: HttpRequest) -> str:
+    """The event's name, refused unless form-encoded and made of A-Z, 0-9 and _."""
+    if (request.content_type or "") != "application/x-www-form-urlencoded":
         raise Refused(400, "Events must be form-encoded, as Bitrix24 sends them.")
-    data = request.POST
-    name = str(data.get("event", "")).upper()
+    name = str(request.POST.get("event", "")).strip().upper()
     if not name:
         raise Refused(400, "The request has no event name.")
-    if name not in EVENTS:
-        raise Refused(400, f"This app does not handle the event {name[:40]}.")
+    if not _EVENT_NAME_RE.match(name):
+        raise Refused(400, "The event name is malformed.")
+    return name
+
+
+def verify_event(request: HttpRequest) -> VerifiedEvent:
+    name = event_name(request)
+    if name not in EVENTS and name not in ACKNOWLEDGED:
+        raise Refused(400, f"This app does not handle the event {name}.")
+    data = request.POST
     auth = _brackets(data, "auth")
     member_id = auth.get("member_id", "")
     if not member_id or not _MEMBER_RE.match(member_id):
@@ -217,15 +275,31 @@ def verify_event(request: HttpRequest) -> VerifiedEvent:
     given = auth.get("application_token", "")
     portal = Portal.objects.filter(member_id=member_id).first()
     known = portal is not None and portal.state != Portal.State.UNINSTALLED
-    if known and portal is not None and tokens_equal(given, portal.application_token):
-        return VerifiedEvent(name, member_id, auth, _brackets(data, "data"), portal, None)
-    # No stored token matches. Only an event carrying an access token can be vouched for by the
-    # OAuth server: the first install, a reinstall, or an update with a new application_token.
-    if name in {"ONAPPINSTALL", "ONAPPUPDATE"} and auth.get("access_token") and given:
+    matches = known and portal is not None and tokens_equal(given, portal.application_token)
+    payload = _brackets(data, "data")
+    if name in ACKNOWLEDGED:
+        return VerifiedEvent(name, member_id, auth, payload, portal if matches else None, None)
+    if name == "ONAPPUNINSTALL":
+        if not known:
+            raise Refused(403, "Refused: unknown portal.")
+        if not matches:
+            raise Refused(403, "Refused: the application token does not match.")
+        return VerifiedEvent(name, member_id, auth, payload, portal, None)
+    # ONAPPINSTALL / ONAPPUPDATE: any tokens they bring are stored, so they must be vouched for.
+    if name == "ONAPPUPDATE" and not known:
+        raise Refused(403, "Refused: update for a portal that has not installed the app.")
+    info = None
+    if auth.get("access_token"):
         info = vouch_for_token(auth.get("server_endpoint", ""), auth["access_token"], member_id)
-        if name == "ONAPPUPDATE" and not known:
-            raise Refused(403, "Refused: update for a portal that has not installed the app.")
-        return VerifiedEvent(name, member_id, auth, _brackets(data, "data"), portal, info)
-    if not known:
-        raise Refused(403, "Refused: unknown portal.")
-    raise Refused(403, "Refused: the application token does not match.")
+    elif name == "ONAPPINSTALL" or not matches:
+        raise Refused(403, "Refused: Bitrix24 sends this event with an access token.")
+    if not given:
+        raise Refused(400, "The event has no auth[application_token].")
+    replaces = not matches and bool(portal is not None and portal.application_token and known)
+    admin = None
+    if name == "ONAPPINSTALL" or replaces:
+        # Installing (who the installer is) and a new application_token are an admin's to set.
+        assert info is not None
+        require_admin(info, auth.get("server_endpoint", ""), auth["access_token"])
+        admin = True
+    return VerifiedEvent(name, member_id, auth, payload, portal, info, not matches, admin)

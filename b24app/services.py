@@ -5,6 +5,8 @@ Views validate and tasks retry; the decisions and the writes are here.
 
 from __future__ import annotations
 
+import enum
+import hmac
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -20,6 +22,7 @@ from b24app.bitrix import oauth
 from b24app.bitrix.client import BatchResult, CallRecord, PortalClient
 from b24app.bitrix.errors import (
     AuthRevoked,
+    BadRequest,
     BitrixError,
     InvalidClient,
     InvalidToken,
@@ -71,12 +74,39 @@ def prune_call_log() -> int:
     return deleted
 
 
+def confirm_moved(member_id: str, server_endpoint: str) -> Callable[[str, str], str]:
+    """For a portal's 302: the new address is used (and our token sent there) only when it is a
+    public https host and Bitrix24's OAuth server names it as this portal's REST endpoint."""
+
+    def confirm(new_endpoint: str, token: str) -> str:
+        try:
+            candidate = oauth.check_portal_endpoint(new_endpoint)
+            info = oauth.app_info(server_endpoint, token)
+            confirmed = oauth.check_portal_endpoint(info.client_endpoint)
+        except oauth.UntrustedServer as exc:
+            raise BadRequest("BAD_REDIRECT", f"not followed: {exc.description}") from None
+        if (
+            info.member_id != member_id
+            or info.client_id != settings.B24_CLIENT_ID
+            or oauth.origin_of(confirmed) != oauth.origin_of(candidate)
+        ):
+            log.warning("portal %s redirected to an address Bitrix24 does not confirm", member_id)
+            raise BadRequest("BAD_REDIRECT", "Bitrix24 does not confirm the portal's new address")
+        return confirmed
+
+    return confirm
+
+
 def client_for(portal: Portal, *, max_wait: float = 2.0) -> PortalClient:
-    def moved(new_endpoint: str) -> None:
-        # A renamed portal: member_id stays, the address changes. Keep the new one.
+    confirm = confirm_moved(portal.member_id, portal.server_endpoint)
+
+    def moved(new_endpoint: str, token: str) -> str:
+        # A renamed portal: member_id stays, the address changes. Keep the confirmed one.
+        endpoint = confirm(new_endpoint, token)
         log.info("portal %s moved to a new address", portal.member_id)
-        Portal.objects.filter(pk=portal.pk).update(client_endpoint=new_endpoint)
-        portal.client_endpoint = new_endpoint
+        Portal.objects.filter(pk=portal.pk).update(client_endpoint=endpoint)
+        portal.client_endpoint = endpoint
+        return endpoint
 
     return PortalClient(
         member_id=portal.member_id,
@@ -87,6 +117,36 @@ def client_for(portal: Portal, *, max_wait: float = 2.0) -> PortalClient:
         on_moved=moved,
         max_wait=max_wait,
     )
+
+
+def user_is_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) -> bool:
+    """Ask the portal, with this (already vouched-for) token, whether its owner is an admin.
+
+    `user.admin` answers for the token's owner; nothing a request posts can change the answer.
+    """
+    portal = Portal.objects.filter(member_id=info.member_id).first()
+    client = PortalClient(
+        member_id=info.member_id,
+        endpoint=oauth.check_portal_endpoint(info.client_endpoint),
+        rate=portal.rate_per_second if portal else None,
+        burst=portal.rate_burst if portal else None,
+        on_call=record_call,
+        on_moved=confirm_moved(info.member_id, server_endpoint),
+    )
+    result = client.call("user.admin", token=access_token).result
+    return result is True or str(result).lower() in {"true", "1", "y"}
+
+
+def portal_follow_endpoint(portal: Portal, info: oauth.AppInfo) -> Portal:
+    """Each verified open carries Bitrix24's current address of the portal (app.info): a rename
+    changes the host, and the frame's parent is the new one, so store it at once."""
+    endpoint = oauth.check_portal_endpoint(info.client_endpoint)
+    domain = info.domain[:255] or portal.domain
+    if endpoint != portal.client_endpoint or domain != portal.domain:
+        log.info("portal %s has a new address (from app.info)", portal.member_id)
+        Portal.objects.filter(pk=portal.pk).update(client_endpoint=endpoint, domain=domain)
+        portal.client_endpoint, portal.domain = endpoint, domain
+    return portal
 
 
 # --- users' tokens ----------------------------------------------------------------------------
@@ -156,18 +216,36 @@ def mark_portal_needs_reinstall(portal_pk: int, reason: str) -> None:
     )
 
 
-def refresh_user_token(user_pk: int, failed_version: int) -> tuple[str, int]:
+def _answer_mismatch(tokens: oauth.TokenSet, portal: Portal, user: PortalUser) -> str:
+    """Why a refresh answer does not belong to this row, or "" when it does.
+
+    A user can post a REFRESH_ID from a portal of their own: its answer names another portal
+    (or user), and saving it would hand them our row — and, through its client_endpoint, the
+    address every later call of this portal goes to.
+    """
+    if not tokens.member_id or not hmac.compare_digest(tokens.member_id, portal.member_id):
+        return "the refresh answer is for another portal"
+    if tokens.user_id is not None and tokens.user_id != user.user_id:
+        return "the refresh answer is for another user"
+    return ""
+
+
+def refresh_user_token(
+    user_pk: int, failed_version: int, *, require_active: bool = True
+) -> tuple[str, int]:
     """Refresh one user's tokens, at most once for many concurrent callers.
 
     Refresh tokens rotate and are single-use, so: lock the row, read it again, refresh only if it
-    still holds the pair that failed (another worker may have refreshed already), save both
-    tokens before anyone uses them. Returns (access_token, token_version).
+    still holds the pair that failed (another worker may have refreshed already), check that the
+    answer is for this portal and user, save both tokens before anyone uses them.
+    Returns (access_token, token_version).
     """
     failure: BitrixError | None = None
+    mismatch = ""
     with transaction.atomic():
         user = PortalUser.objects.select_for_update().select_related("portal").get(pk=user_pk)
         portal = user.portal
-        if not portal.is_active:
+        if require_active and not portal.is_active:
             raise ReinstallRequired(portal.state_reason or "the app is not installed")
         if user.state != PortalUser.State.ACTIVE or not user.has_tokens:
             raise ReopenRequired(user.state_reason or "no stored tokens")
@@ -175,40 +253,53 @@ def refresh_user_token(user_pk: int, failed_version: int) -> tuple[str, int]:
             return user.access_token, user.token_version
         try:
             tokens = oauth.refresh(portal.server_endpoint, user.refresh_token)
-        except (AuthRevoked, InvalidToken) as exc:
-            failure = exc
-        except (PortalGone, InvalidClient) as exc:
+        except (AuthRevoked, InvalidToken, PortalGone, InvalidClient) as exc:
             failure = exc
         else:
-            user.access_token = tokens.access_token
-            user.refresh_token = tokens.refresh_token
-            user.expires_at = datetime.fromtimestamp(tokens.expires_at, tz=UTC)
-            user.token_version += 1
-            user.refreshed_at = timezone.now()
-            user.save(
-                update_fields=[
-                    "access_token",
-                    "refresh_token",
-                    "expires_at",
-                    "token_version",
-                    "refreshed_at",
-                ]
-            )
-            if tokens.client_endpoint and tokens.client_endpoint != portal.client_endpoint:
-                try:
-                    endpoint = oauth.check_portal_endpoint(tokens.client_endpoint)
-                except oauth.UntrustedServer:
-                    pass
-                else:
-                    Portal.objects.filter(pk=portal.pk).update(client_endpoint=endpoint)
-            return user.access_token, user.token_version
+            mismatch = _answer_mismatch(tokens, portal, user)
+            if not mismatch:
+                user.access_token = tokens.access_token
+                user.refresh_token = tokens.refresh_token
+                user.expires_at = datetime.fromtimestamp(tokens.expires_at, tz=UTC)
+                user.token_version += 1
+                user.refreshed_at = timezone.now()
+                user.save(
+                    update_fields=[
+                        "access_token",
+                        "refresh_token",
+                        "expires_at",
+                        "token_version",
+                        "refreshed_at",
+                    ]
+                )
+    if mismatch:  # the old pair is spent and the new one is not ours: nothing usable is left
+        log.warning("portal %s: refused a refresh answer: %s", portal.member_id, mismatch)
+        mark_user_needs_reopen(user_pk, mismatch)
+        raise ReopenRequired(mismatch)
+    if failure is None:
+        if tokens.client_endpoint and tokens.client_endpoint != portal.client_endpoint:
+            _reverify_endpoint(portal, user.access_token)
+        return user.access_token, user.token_version
     # The refresh chain is dead: record it (outside the rolled-back block) and stop.
-    assert failure is not None
     if isinstance(failure, PortalGone | InvalidClient):
         mark_portal_needs_reinstall(portal.pk, f"{failure.code}: {failure.description}")
         raise ReinstallRequired(failure.code) from None
     mark_user_needs_reopen(user_pk, f"{failure.code}: {failure.description}")
     raise ReopenRequired(failure.code) from None
+
+
+def _reverify_endpoint(portal: Portal, access_token: str) -> None:
+    """A refresh answer names another client_endpoint: believe it only from app.info."""
+    try:
+        info = oauth.app_info(portal.server_endpoint, access_token)
+    except BitrixError as exc:
+        log.info("portal %s: could not re-verify its address: %s", portal.member_id, exc.code)
+        return
+    if info.member_id == portal.member_id and info.client_id == settings.B24_CLIENT_ID:
+        try:
+            portal_follow_endpoint(portal, info)
+        except oauth.UntrustedServer as exc:
+            log.warning("portal %s: app.info names an unusable address: %s", portal.member_id, exc)
 
 
 def call_with_user(
@@ -363,3 +454,72 @@ def portal_uninstall(portal: Portal, *, clean: bool) -> None:
         portal_uninstalled.send(sender=Portal, portal=portal, clean=clean)
         if clean:
             Portal.objects.filter(pk=portal.pk).delete()
+
+
+class UninstallVerdict(enum.Enum):
+    CONFIRMED = "confirmed"  # the portal refuses the app's own tokens: the app is gone
+    DENIED = "denied"  # the portal still accepts them (or nothing can tell): not Bitrix24's word
+    UNKNOWN = "unknown"  # Bitrix24 could not be asked just now
+
+
+# An uninstall is believed only when the app's stored tokens stop working. At most this many
+# users' chains are asked: the installer and admins first (an ordinary user can spend their own
+# chain, so their refusal alone does not count unless two chains agree).
+UNINSTALL_WITNESSES = 3
+
+
+def _uninstall_witnesses(portal: Portal) -> list[PortalUser]:
+    users = PortalUser.objects.filter(portal=portal, state=PortalUser.State.ACTIVE).exclude(
+        refresh_token=""
+    )
+    ranked = sorted(
+        users,
+        key=lambda u: (
+            u.user_id != portal.installer_user_id,
+            not u.is_admin,
+            -u.last_seen_at.timestamp(),
+        ),
+    )
+    return ranked[:UNINSTALL_WITNESSES]
+
+
+def _app_accepts(portal: Portal, user: PortalUser) -> bool | None:
+    """Does Bitrix24 still accept this user's token of our app? None: it could not be asked."""
+    refused = (InvalidToken, AuthRevoked, PortalGone, InvalidClient)
+    token = user.access_token
+    for attempt in range(2):
+        try:
+            oauth.app_info(portal.server_endpoint, token)
+            return True
+        except TokenExpired:
+            if attempt:
+                return None
+        except refused:
+            return False
+        except BitrixError:  # transient, or an answer we cannot read: ask again later
+            return None
+        try:
+            token, _ = refresh_user_token(user.pk, user.token_version, require_active=False)
+        except (ReopenRequired, ReinstallRequired):
+            return False
+        except BitrixError:
+            return None
+    return None
+
+
+def uninstall_verdict(portal: Portal) -> UninstallVerdict:
+    """Anyone who ever opened the app holds the application_token, so an ONAPPUNINSTALL that
+    matches it is only a claim: ask Bitrix24 with the app's own tokens whether it is true."""
+    witnesses = _uninstall_witnesses(portal)
+    refusals, trusted = 0, False
+    for user in witnesses:
+        accepted = _app_accepts(portal, user)
+        if accepted is None:
+            return UninstallVerdict.UNKNOWN
+        if accepted:
+            return UninstallVerdict.DENIED
+        refusals += 1
+        trusted = trusted or user.is_admin or user.user_id == portal.installer_user_id
+    if trusted or refusals >= 2:
+        return UninstallVerdict.CONFIRMED
+    return UninstallVerdict.DENIED

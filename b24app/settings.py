@@ -44,10 +44,53 @@ def _secret(name: str) -> str:
     )
 
 
+# Values that are public (.env.example, docs, the dev fallbacks above): outside DEBUG a secret
+# equal to one of them is as good as none — anyone could forge page tokens with it.
+_PLACEHOLDERS = frozenset(
+    {"change-me", "changeme", "secret", "collectstatic", "test-secret-key", "bench-secret-key"}
+    | set(_DEV_FALLBACKS.values())
+)
+
+
+def _check_secret_key(value: str) -> None:
+    if value.lower() in _PLACEHOLDERS or value.startswith("django-insecure"):
+        raise ImproperlyConfigured(
+            "SECRET_KEY is a published placeholder: set a long random value "
+            '(python -c "import secrets; print(secrets.token_urlsafe(50))").'
+        )
+    if len(value) < 50:
+        raise ImproperlyConfigured(
+            f"SECRET_KEY is too short ({len(value)} characters): use at least 50 random ones."
+        )
+
+
+def _check_token_keys(value: str) -> None:
+    from base64 import urlsafe_b64decode
+    from binascii import Error as Base64Error
+
+    keys = [k.strip() for k in value.split(",") if k.strip()]
+    for position, key in enumerate(keys, start=1):
+        try:
+            raw = urlsafe_b64decode(key.encode("ascii"))
+        except (Base64Error, UnicodeEncodeError, ValueError):
+            raw = b""
+        if len(raw) != 32 or key in _PLACEHOLDERS:
+            raise ImproperlyConfigured(
+                f"B24_TOKEN_KEY key #{position} is not a Fernet key (urlsafe base64 of 32 "
+                'random bytes): python -c "from cryptography.fernet import Fernet; '
+                'print(Fernet.generate_key().decode())"'
+            )
+    if not keys:
+        raise ImproperlyConfigured("B24_TOKEN_KEY holds no key.")
+
+
 SECRET_KEY = _secret("SECRET_KEY")
 B24_TOKEN_KEY = _secret("B24_TOKEN_KEY")
 B24_CLIENT_ID = _secret("B24_CLIENT_ID")
 B24_CLIENT_SECRET = _secret("B24_CLIENT_SECRET")
+if not DEBUG:
+    _check_secret_key(SECRET_KEY)
+    _check_token_keys(B24_TOKEN_KEY)
 
 ALLOWED_HOSTS: list[str] = env.list(
     "ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"] if DEBUG else []
@@ -56,7 +99,10 @@ if not DEBUG and not ALLOWED_HOSTS:
     raise ImproperlyConfigured("ALLOWED_HOSTS is not set (comma-separated host names).")
 
 PORT: int = env.int("PORT", default=8000)
-B24_APP_BASE_URL: str = env.str("B24_APP_BASE_URL", default=f"http://127.0.0.1:{PORT}").rstrip("/")
+B24_ALLOW_HTTP: bool = env.bool("B24_ALLOW_HTTP", default=False)
+B24_APP_BASE_URL: str = env.str(
+    "B24_APP_BASE_URL", default=f"http://127.0.0.1:{PORT}" if DEBUG else ""
+).rstrip("/")
 B24_OAUTH_SERVERS: list[str] = [
     s.strip()
     for s in env.list(
@@ -64,7 +110,35 @@ B24_OAUTH_SERVERS: list[str] = [
     )
     if s.strip()
 ]
-B24_ALLOW_HTTP: bool = env.bool("B24_ALLOW_HTTP", default=False)
+
+
+def _check_app_base_url(value: str) -> None:
+    """Bitrix24 accepts a loopback or http handler in placement.bind/event.bind and then never
+    reaches it: outside DEBUG the address must be public https (http only for the sandbox)."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        raise ImproperlyConfigured(
+            "B24_APP_BASE_URL is not set: the public https address where Bitrix24 reaches the "
+            "app (e.g. https://flowpins.example.com)."
+        )
+    parts = urlsplit(value)
+    if parts.scheme != "https" and not (B24_ALLOW_HTTP and parts.scheme == "http"):
+        raise ImproperlyConfigured(
+            "B24_APP_BASE_URL must start with https:// (Bitrix24 calls the handlers over the "
+            "internet); http is accepted only with B24_ALLOW_HTTP=1, for the sandbox."
+        )
+    host = (parts.hostname or "").lower()
+    local = host in {"localhost", "0.0.0.0", "::", "::1"} or host.startswith("127.")  # noqa: S104
+    if not host or (local and not B24_ALLOW_HTTP):
+        raise ImproperlyConfigured(
+            "B24_APP_BASE_URL must name a public host: Bitrix24 cannot reach "
+            f"{host or 'an empty host'}."
+        )
+
+
+if not DEBUG:
+    _check_app_base_url(B24_APP_BASE_URL)
 
 # Default per-portal leaky bucket (Bitrix24's non-Enterprise plans): 2 requests/s, burst 50.
 B24_RATE_PER_SECOND: float = env.float("B24_RATE_PER_SECOND", default=2.0)

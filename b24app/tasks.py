@@ -39,6 +39,28 @@ def bind_handlers(self, *, portal_id: int) -> str:  # type: ignore[no-untyped-de
     return "bound"
 
 
+@shared_task(name="b24app.confirm_uninstall", bind=True, max_retries=10, acks_late=True)
+def confirm_uninstall(self, *, portal_id: int, clean: bool) -> str:  # type: ignore[no-untyped-def]
+    """An ONAPPUNINSTALL that arrived while Bitrix24 could not be asked: ask again, with backoff
+    (Bitrix24 never resends an event). Safe to repeat: the verdict only reads, and uninstalling
+    twice deletes nothing more."""
+    portal = Portal.objects.filter(pk=portal_id).first()
+    if portal is None or portal.state == Portal.State.UNINSTALLED:
+        return "skipped: portal gone or already uninstalled"
+    verdict = services.uninstall_verdict(portal)
+    if verdict is services.UninstallVerdict.CONFIRMED:
+        services.portal_uninstall(portal, clean=clean)
+        return "uninstalled"
+    if verdict is services.UninstallVerdict.DENIED:
+        log.warning("portal %s: ONAPPUNINSTALL not confirmed by Bitrix24", portal.member_id)
+        return "denied"
+    if self.request.retries >= self.max_retries:
+        log.error("portal %s: could not confirm ONAPPUNINSTALL with Bitrix24", portal.member_id)
+        return "unconfirmed"
+    delay = min(600, 15 * 2**self.request.retries)
+    raise self.retry(countdown=delay + random.uniform(0, delay / 4))
+
+
 @shared_task(name="b24app.prune_call_log", acks_late=True)
 def prune_call_log() -> int:
     return services.prune_call_log()

@@ -22,6 +22,7 @@ from django.views.decorators.http import require_http_methods
 from redis.exceptions import RedisError
 
 from b24app import frame, services, tasks
+from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
 
@@ -101,6 +102,10 @@ def _store_frame_tokens(
 
 @entry("installer")
 def install(request: HttpRequest) -> HttpResponse:
+    if "event" in request.POST and "AUTH_ID" not in request.POST:
+        # Bitrix24 posts some events server-to-server to the installer URL (ONAPPUSERREADY for
+        # every app; ONAPPINSTALL for API-only ones): the event handler's rules apply.
+        return events(request)
     verified = frame.verify_frame_post(request, installing=True)
     translation.activate(verified.lang)
     portal = services.portal_install(
@@ -134,6 +139,7 @@ def app(request: HttpRequest) -> HttpResponse:
     verified = frame.verify_frame_post(request, installing=False)
     portal = verified.portal  # verify_frame_post refuses an app POST without one
     assert portal is not None
+    portal = services.portal_follow_endpoint(portal, verified.info)  # renames move the host
     user = _store_frame_tokens(portal, verified)
     translation.activate(verified.lang)
     from flows.views import app_page  # the page users see lives with the flows
@@ -145,48 +151,76 @@ def app(request: HttpRequest) -> HttpResponse:
 @entry("event handler")
 def events(request: HttpRequest) -> HttpResponse:
     event = frame.verify_event(request)
-    auth = event.auth
-    if event.name == "ONAPPINSTALL":
-        assert event.info is not None or event.portal is not None
-        info = event.info
-        if info is None:  # a matching application_token: vouch for the token anyway
-            info = frame.vouch_for_token(
-                auth.get("server_endpoint", ""), auth.get("access_token", ""), event.member_id
-            )
+    auth, info = event.auth, event.info
+    if event.name in frame.ACKNOWLEDGED:
+        log.info(
+            "event %s for portal %s: acknowledged, nothing to do (application token %s)",
+            event.name,
+            event.member_id,
+            "matches" if event.portal is not None else "does not match",
+        )
+    elif event.name == "ONAPPINSTALL":
+        assert info is not None  # verify_event refuses an install without a vouched admin token
         portal = services.portal_install(
             info=info,
             server_endpoint=auth.get("server_endpoint", ""),
             application_token=auth.get("application_token", ""),
             scope=auth.get("scope", ""),
         )
-        _store_event_tokens(portal, info.user_id, auth)
+        _store_event_tokens(portal, info, auth, is_admin=event.admin)
         tasks.bind_handlers.delay_on_commit(portal_id=portal.pk)
     elif event.name == "ONAPPUPDATE":
         assert event.portal is not None
         portal = services.portal_update(
-            event.portal, application_token=auth.get("application_token", "")
+            event.portal,
+            application_token=auth["application_token"] if event.new_application_token else "",
         )
-        user_id = event.info.user_id if event.info else _int(auth.get("user_id"))
-        _store_event_tokens(portal, user_id, auth)
+        if info is not None:
+            _store_event_tokens(portal, info, auth, is_admin=event.admin)
         tasks.bind_handlers.delay_on_commit(portal_id=portal.pk)  # an update drops bindings
-    else:  # ONAPPUNINSTALL: application_token is the only check; no token comes with it
+    else:
         assert event.portal is not None
-        services.portal_uninstall(event.portal, clean=event.data.get("CLEAN") in {"1", "Y"})
+        return _uninstall(event.portal, clean=event.data.get("CLEAN") in {"1", "Y"})
     return HttpResponse("ok\n", content_type="text/plain")
 
 
-def _int(value: str | None) -> int | None:
-    return int(value) if value and value.isdigit() else None
+def _uninstall(portal: Portal, *, clean: bool) -> HttpResponse:
+    """ONAPPUNINSTALL carries no token, only the application_token every user has seen: delete
+    only when Bitrix24 confirms it by refusing the app's own tokens."""
+    verdict = services.uninstall_verdict(portal)
+    if verdict is services.UninstallVerdict.CONFIRMED:
+        services.portal_uninstall(portal, clean=clean)
+        return HttpResponse("ok\n", content_type="text/plain")
+    if verdict is services.UninstallVerdict.UNKNOWN:
+        tasks.confirm_uninstall.delay_on_commit(portal_id=portal.pk, clean=clean)
+        return HttpResponse(
+            "Accepted: Bitrix24 could not be asked just now; the uninstall is confirmed with it "
+            "in the background.\n",
+            status=202,
+            content_type="text/plain; charset=utf-8",
+        )
+    log.warning(
+        "portal %s: ONAPPUNINSTALL refused, the app's tokens still work (not Bitrix24's word)",
+        portal.member_id,
+    )
+    raise frame.Refused(
+        403,
+        "Refused: uninstall not confirmed by Bitrix24 (the app's tokens for this portal still "
+        "work). Nothing was deleted.",
+    )
 
 
-def _store_event_tokens(portal: Portal, user_id: int | None, auth: dict[str, str]) -> None:
-    if user_id is None or not auth.get("access_token"):
+def _store_event_tokens(
+    portal: Portal, info: oauth.AppInfo, auth: dict[str, str], *, is_admin: bool | None
+) -> None:
+    """Keep the tokens an event brought — for the user the OAuth server says owns them."""
+    if info.user_id is None or not auth.get("access_token"):
         return
-    expires_in = float(auth["expires_in"]) if auth.get("expires_in", "").isdigit() else 3600.0
     services.user_tokens_store(
         portal,
-        user_id,
+        info.user_id,
         access_token=auth["access_token"],
         refresh_token=auth.get("refresh_token", ""),
-        expires_in=expires_in,
+        expires_in=frame.parse_seconds(auth.get("expires_in", "")) or 3600,
+        is_admin=is_admin,
     )

@@ -3,8 +3,10 @@ workers, on a dedicated PostgreSQL database and Redis database. Loopback only.""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -59,8 +61,8 @@ class Stack:
         self.env.update(
             DJANGO_SETTINGS_MODULE="b24app.settings",
             DEBUG="0",
-            SECRET_KEY="bench-secret-key",
-            B24_TOKEN_KEY="bench-token-key",
+            SECRET_KEY=secrets.token_urlsafe(50),
+            B24_TOKEN_KEY=base64.urlsafe_b64encode(secrets.token_bytes(32)).decode(),
             B24_CLIENT_ID=CLIENT_ID,
             B24_CLIENT_SECRET=CLIENT_SECRET,
             ALLOWED_HOSTS="*",

@@ -6,6 +6,7 @@ needs nothing installed; PostgreSQL is used when DATABASE_URL points at it (CI a
 
 import atexit
 import os
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -13,12 +14,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("DEBUG", "0")
-os.environ.setdefault("SECRET_KEY", "test-secret-key")
+# Random per run (and inherited by the worker and web processes the tests start): a fixed value
+# in the repository would be a published placeholder, which start-up refuses outside DEBUG.
+os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
 os.environ.setdefault("B24_TOKEN_KEY", "dGVzdC10b2tlbi1rZXktdGhpcnR5LXR3by1ieXRlcyE=")
 os.environ.setdefault("B24_CLIENT_ID", "local.sandbox0000000001")
 os.environ.setdefault("B24_CLIENT_SECRET", "sandbox-client-secret")
 os.environ.setdefault("ALLOWED_HOSTS", "*")
 os.environ.setdefault("B24_ALLOW_HTTP", "1")
+os.environ.setdefault("B24_APP_BASE_URL", "http://127.0.0.1:8000")
 os.environ.setdefault("B24_JS_SDK_URL", "")
 os.environ.setdefault("FLOWPINS_ENV_FILE", os.devnull)
 

@@ -116,7 +116,7 @@ class PortalClient:
         rate: float | None = None,
         burst: int | None = None,
         on_call: Callable[[CallRecord], None] | None = None,
-        on_moved: Callable[[str], None] | None = None,
+        on_moved: Callable[[str, str], str] | None = None,
         max_wait: float = 2.0,
     ) -> None:
         self.member_id = member_id
@@ -243,13 +243,10 @@ class PortalClient:
                 )
                 status = response.status_code
                 if status in (301, 302, 303, 307, 308) and not moved:
-                    new_endpoint = self._moved_endpoint(response.headers.get("Location", ""))
                     error = "MOVED"
                     self._record(method, status, error, started, commands)
                     moved = True
-                    self.endpoint = new_endpoint
-                    if self.on_moved:
-                        self.on_moved(new_endpoint)
+                    self.endpoint = self._follow(response.headers.get("Location", ""), token)
                     continue
                 body = _json_body(response)
                 if body is None:
@@ -287,14 +284,17 @@ class PortalClient:
             MethodPause(self.member_id, method).pause_until(err.reset_at)
         return err
 
-    def _moved_endpoint(self, location: str) -> str:
-        """A renamed portal answers 302 to its new address: re-send the same POST there."""
+    def _follow(self, location: str, token: str) -> str:
+        """A renamed portal answers 302 to its new address. The token goes there only after
+        `on_moved` has had the new address confirmed (Bitrix24's OAuth server, for this portal);
+        then the same POST is sent again."""
         parts = urlsplit(location)
-        allowed = ("https",) + (("http",) if settings.B24_ALLOW_HTTP else ())
-        if parts.scheme not in allowed or not parts.netloc or "/rest/" not in parts.path:
+        if not parts.netloc or "/rest/" not in parts.path:
             raise BadRequest("BAD_REDIRECT", "the portal redirected to an unusable address")
         path = parts.path[: parts.path.index("/rest/") + len("/rest/")]
-        return f"{parts.scheme}://{parts.netloc}{path}"
+        if self.on_moved is None:
+            raise BadRequest("BAD_REDIRECT", "the portal redirected and cannot be re-verified")
+        return self.on_moved(f"{parts.scheme}://{parts.netloc}{path}", token)
 
     def _record(
         self, method: str, status: int | None, error: str, started: float, commands: int

@@ -7,11 +7,13 @@ send our client secret or a refresh token anywhere else. Tokens go in POST bodie
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 from django.conf import settings
@@ -36,6 +38,45 @@ def _allowed_schemes() -> tuple[str, ...]:
     return ("https", "http") if settings.B24_ALLOW_HTTP else ("https",)
 
 
+_RESOLVED: dict[str, tuple[float, bool]] = {}
+_RESOLVE_TTL = 60.0
+
+
+def _is_public_host(host: str) -> bool:
+    """True when every address the host resolves to is a public (global unicast) one.
+
+    Loopback, private, link-local, multicast, reserved and unspecified addresses are refused, so a
+    forged endpoint cannot point our tokens (or our client secret) at the app's own network.
+    """
+    now = time.monotonic()
+    cached = _RESOLVED.get(host)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    try:
+        infos = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+        addresses = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+    except (OSError, ValueError, UnicodeError):
+        addresses = set()
+    public = bool(addresses) and all(a.is_global and not a.is_multicast for a in addresses)
+    if len(_RESOLVED) > 10_000:
+        _RESOLVED.clear()
+    _RESOLVED[host] = (now + _RESOLVE_TTL, public)
+    return public
+
+
+def _check_url(url: str, what: str, code: str) -> SplitResult:
+    """https (http only with B24_ALLOW_HTTP), a host, no credentials, and — unless
+    B24_ALLOW_HTTP is on for the sandbox — a host that resolves to public addresses only."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in _allowed_schemes():
+        raise UntrustedServer(code, f"the {what} must use https")
+    if not parts.hostname or parts.username is not None or parts.password is not None:
+        raise UntrustedServer(code, f"the {what} address is malformed")
+    if not settings.B24_ALLOW_HTTP and not _is_public_host(parts.hostname):
+        raise UntrustedServer(code, f"the {what} is not on a public internet host")
+    return parts
+
+
 def trusted_server_base(server_endpoint: str) -> str:
     """The allow-listed OAuth server base for `server_endpoint` (e.g. .../rest/), or refuse."""
     parts = urlsplit(server_endpoint.strip())
@@ -43,21 +84,26 @@ def trusted_server_base(server_endpoint: str) -> str:
         raise UntrustedServer("UNTRUSTED_SERVER", "the OAuth server must use https")
     for base in settings.B24_OAUTH_SERVERS:
         allowed = urlsplit(base)
-        if (
-            (parts.scheme, parts.netloc.lower()) == (allowed.scheme, allowed.netloc.lower())
-            and parts.path.startswith(allowed.path or "/")
-            and parts.scheme in _allowed_schemes()
-        ):
+        if (parts.scheme, parts.netloc.lower()) == (
+            allowed.scheme,
+            allowed.netloc.lower(),
+        ) and parts.path.startswith(allowed.path or "/"):
+            _check_url(server_endpoint, "OAuth server", "UNTRUSTED_SERVER")
             return f"{allowed.scheme}://{allowed.netloc}{allowed.path or '/'}".rstrip("/") + "/"
     raise UntrustedServer("UNTRUSTED_SERVER", "the OAuth server is not in B24_OAUTH_SERVERS")
 
 
 def check_portal_endpoint(client_endpoint: str) -> str:
-    """A portal REST base from a trusted answer: must be https (or http when allowed)."""
-    parts = urlsplit(client_endpoint.strip())
-    if parts.scheme not in _allowed_schemes() or not parts.netloc:
-        raise UntrustedServer("UNTRUSTED_ENDPOINT", "the portal endpoint must use https")
-    return client_endpoint if client_endpoint.endswith("/") else client_endpoint + "/"
+    """A portal REST base from a trusted answer (app.info, a re-verified redirect): https on a
+    public host (http and loopback only with B24_ALLOW_HTTP), normalised to end in a slash."""
+    parts = _check_url(client_endpoint, "portal endpoint", "UNTRUSTED_ENDPOINT")
+    path = parts.path if parts.path.endswith("/") else parts.path + "/"
+    return f"{parts.scheme}://{parts.netloc.lower()}{path}"
+
+
+def origin_of(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.lower()}"
 
 
 @dataclass(frozen=True)

@@ -149,3 +149,95 @@ def test_every_setting_is_documented_in_env_example_and_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     undocumented = sorted(n for n in names if f"{n}=" not in example or n not in readme)
     assert undocumented == []
+
+
+def _production_env(tmp_path: Path, **values: str) -> dict[str, str]:
+    """A complete, valid production configuration, with `values` on top (empty = unset)."""
+    good = {
+        "SECRET_KEY": "k" * 20 + "-a-long-random-looking-secret-for-this-test-only",
+        "B24_TOKEN_KEY": "dGVzdC10b2tlbi1rZXktdGhpcnR5LXR3by1ieXRlcyE=",
+        "B24_CLIENT_ID": "app.0123456789abcd.01234567",
+        "B24_CLIENT_SECRET": "s",
+        "ALLOWED_HOSTS": "flowpins.example.com",
+        "B24_APP_BASE_URL": "https://flowpins.example.com",
+    }
+    good.update(values)
+    env = _clean_env(DEBUG="0", FLOWPINS_ENV_FILE=os.devnull, FLOWPINS_VAR_DIR=str(tmp_path))
+    env.update({k: v for k, v in good.items() if v})
+    return env
+
+
+def _check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _example_value(name: str) -> str:
+    for line in (ROOT / ".env.example").read_text().splitlines():
+        if line.startswith(f"{name}="):
+            return line.split("=", 1)[1]
+    raise AssertionError(f"{name} is not in .env.example")
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ({"SECRET_KEY": "change-me"}, "SECRET_KEY is a published placeholder"),
+        ({"SECRET_KEY": "example"}, "SECRET_KEY is a published placeholder"),
+        ({"SECRET_KEY": "django-insecure-" + "x" * 50}, "SECRET_KEY is a published placeholder"),
+        ({"SECRET_KEY": "Xq3v9LpT2mWz8RkY4nHs"}, "SECRET_KEY is too short (20 characters)"),
+        ({"B24_TOKEN_KEY": "change-me"}, "B24_TOKEN_KEY key #1 is not a Fernet key"),
+        ({"B24_TOKEN_KEY": "example"}, "B24_TOKEN_KEY key #1 is not a Fernet key"),
+        (
+            {"B24_TOKEN_KEY": "dGVzdC10b2tlbi1rZXktdGhpcnR5LXR3by1ieXRlcyE=,old-passphrase"},
+            "B24_TOKEN_KEY key #2 is not a Fernet key",
+        ),
+        ({"B24_APP_BASE_URL": ""}, "B24_APP_BASE_URL is not set"),
+        ({"B24_APP_BASE_URL": "http://flowpins.example.com"}, "must start with https://"),
+        ({"B24_APP_BASE_URL": "https://127.0.0.1:8000"}, "must name a public host"),
+        ({"B24_APP_BASE_URL": "https://localhost"}, "must name a public host"),
+    ],
+)
+def test_start_up_outside_debug_refuses_placeholders_and_unreachable_handlers(
+    tmp_path: Path, values: dict[str, str], words: str
+) -> None:
+    # Whatever .env.example suggests is public, hence refused.
+    values = {k: _example_value(k) if v == "example" else v for k, v in values.items()}
+    proc = _check(_production_env(tmp_path, **values))
+    assert proc.returncode != 0
+    assert words in proc.stderr, proc.stderr[-800:]
+    for name, value in values.items():  # the refusal never echoes the secret itself
+        if name in {"SECRET_KEY", "B24_TOKEN_KEY"}:
+            assert value not in proc.stderr
+
+
+def test_start_up_outside_debug_accepts_a_real_configuration(tmp_path: Path) -> None:
+    proc = _check(_production_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-800:]
+    # http (and loopback) handler URLs only with the sandbox switch on.
+    sandbox = _production_env(
+        tmp_path, B24_APP_BASE_URL="http://127.0.0.1:8000", B24_ALLOW_HTTP="1"
+    )
+    assert _check(sandbox).returncode == 0
+
+
+def test_the_dockerfile_collectstatic_step_passes_the_start_up_checks(tmp_path: Path) -> None:
+    """The image runs collectstatic at build time with DEBUG=0: the same command, here."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    command = next(
+        line.strip()[len("RUN ") :]
+        for line in text.splitlines()
+        if line.startswith("RUN ") and "collectstatic" in line
+    )
+    env = _clean_env(FLOWPINS_ENV_FILE=os.devnull, FLOWPINS_VAR_DIR=str(tmp_path))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    proc = subprocess.run(
+        ["sh", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-800:]

@@ -9,7 +9,7 @@ import pytest
 from django.db import connection
 
 from b24app import crypto
-from b24app.bitrix import errors
+from b24app.bitrix import errors, oauth
 from b24app.bitrix.client import php_query
 from b24app.logging import RedactSecretsFilter, redact
 from b24app.models import Portal, PortalUser
@@ -129,3 +129,46 @@ def test_tokens_in_the_database_are_unreadable_without_the_key():
     for secret in ("app-secret-1", "acc-secret-2", "ref-secret-3"):
         assert secret not in dump
     assert PortalUser.objects.get().refresh_token == "ref-secret-3"
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "https://127.0.0.1/rest/",
+        "https://localhost/rest/",
+        "https://10.1.2.3/rest/",
+        "https://192.168.0.10/rest/",
+        "https://172.16.5.5/rest/",
+        "https://169.254.169.254/rest/",  # cloud metadata
+        "https://[::1]/rest/",
+        "https://[fe80::1]/rest/",
+        "https://224.0.0.1/rest/",
+        "https://0.0.0.0/rest/",
+        "https://name.that.does.not.resolve.invalid/rest/",
+        "https://user:pass@93.184.216.34/rest/",
+        "http://93.184.216.34/rest/",
+    ],
+)
+def test_portal_endpoints_must_be_https_on_a_public_host(settings, endpoint: str) -> None:
+    settings.B24_ALLOW_HTTP = False
+    with pytest.raises(oauth.UntrustedServer):
+        oauth.check_portal_endpoint(endpoint)
+
+
+def test_a_public_https_endpoint_is_accepted_and_normalised(settings) -> None:
+    settings.B24_ALLOW_HTTP = False
+    assert (
+        oauth.check_portal_endpoint("https://93.184.216.34/REST") == "https://93.184.216.34/REST/"
+    )
+
+
+def test_an_allow_listed_oauth_server_on_a_private_address_is_refused(settings) -> None:
+    settings.B24_ALLOW_HTTP = False
+    settings.B24_OAUTH_SERVERS = ["https://10.0.0.5/"]
+    with pytest.raises(oauth.UntrustedServer, match="public"):
+        oauth.trusted_server_base("https://10.0.0.5/rest/")
+
+
+def test_loopback_endpoints_only_with_the_sandbox_switch(settings) -> None:
+    settings.B24_ALLOW_HTTP = True
+    assert oauth.check_portal_endpoint("http://127.0.0.2:8090/p/alpha/rest/").startswith("http://")
