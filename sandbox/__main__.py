@@ -1,7 +1,8 @@
 """Command line: ``python -m sandbox [--host H] [--port P] [--app-url URL] ...``.
 
 Environment defaults: ``SANDBOX_HOST``, ``SANDBOX_PORT``, ``SANDBOX_APP_URL``,
-``B24_CLIENT_ID``, ``B24_CLIENT_SECRET``, ``SANDBOX_PORTALS``. Knobs can be given as
+``B24_CLIENT_ID``, ``B24_CLIENT_SECRET``, ``SANDBOX_PORTALS``, ``SANDBOX_DISTINCT_HOSTS``
+(``1``/``0``; unset: on for Linux). Knobs can be given as
 ``--knob name=value`` (repeatable). Prints one line with the base URL and the portal pages,
 then serves until SIGINT/SIGTERM.
 """
@@ -45,8 +46,21 @@ def _parser() -> argparse.ArgumentParser:
         metavar="NAME=VALUE",
         help=f"set a global knob; known: {', '.join(KNOB_NAMES)}",
     )
+    parser.add_argument(
+        "--distinct-hosts",
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag(env.get("SANDBOX_DISTINCT_HOSTS")),
+        help="serve every portal on its own loopback host (127.0.0.N, same port); "
+        "default: on for Linux",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return parser
+
+
+def _env_flag(value: str | None) -> bool | None:
+    if value is None or value.strip() == "":
+        return None
+    return value.strip().lower() in ("1", "true", "yes", "y", "on")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             portals=args.portals,
             base_url=args.base_url,
             verbose=args.verbose,
+            distinct_hosts=args.distinct_hosts,
             **knobs,
         )
     except (KnobError, ValueError, OSError) as exc:

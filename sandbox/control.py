@@ -14,15 +14,18 @@ Parameters may come as a JSON body, a form body or a query string. Routes:
 ``GET  /_sandbox/p/NAME/open``              same, as an HTML page that auto-submits the form
                                             to the app (top-level navigation)
 ``POST /_sandbox/p/NAME/install_finish``    what ``BX24.installFinish()`` does
-``POST /_sandbox/p/NAME/event``             send ONAPPINSTALL / ONAPPUPDATE / ONAPPUNINSTALL
+``POST /_sandbox/p/NAME/event``             send ONAPPINSTALL / ONAPPUPDATE / ONAPPUNINSTALL /
+                                            ONAPPUSERREADY (``forge``: without state change)
 ``POST /_sandbox/p/NAME/expire``            force-expire access tokens (all or one user's)
-``POST /_sandbox/p/NAME/rename``            rename the portal (old path answers 302)
+``POST /_sandbox/p/NAME/rename``            rename the portal; with distinct hosts it moves to a
+                                            new host (old host/path answer 302)
 ``POST /_sandbox/p/NAME/pins``              set pins as if the user clicked in Bitrix24
 ``POST /_sandbox/p/NAME/flows``             generate many flows (benchmarks)
 ``POST /_sandbox/p/NAME/tokens``            mint a token pair for a user (token-endpoint shape)
 =========================================  =================================================
 
-``NAME`` may be a portal's old name (after a rename) - the control API follows it.
+``NAME`` may be a portal's old name (after a rename) - the control API follows it. The control
+API answers on every listener (the portal page calls it from the portal's own origin).
 """
 
 from __future__ import annotations
@@ -123,8 +126,8 @@ def build_launch(state: SandboxState, portal: Portal, params: Mapping[str, Any])
         options.setdefault("URI", state.page_url(portal))
     pair = state.issue_tokens(portal, user_id)
     query = {
-        "DOMAIN": portal.domain,
-        "PROTOCOL": "1" if state.base_url.startswith("https:") else "0",
+        "DOMAIN": state.domain(portal),
+        "PROTOCOL": state.protocol(portal),
         "LANG": lang,
         "APP_SID": secrets.token_hex(16),
     }
@@ -180,7 +183,10 @@ def _rename(state: SandboxState, portal: Portal, params: Mapping[str, Any]) -> d
     if new_name in state.portals:
         raise ControlError(409, f"portal {new_name} already exists")
     old = portal.name
-    state.rename(portal, new_name)
+    try:
+        state.rename(portal, new_name)
+    except OSError as exc:
+        raise ControlError(503, f"cannot listen on a new host for the portal: {exc}") from exc
     return {"old_name": old, "portal": state.portal_snapshot(portal)}
 
 
@@ -414,9 +420,11 @@ def _portal(state: SandboxState, name: str) -> Portal:
 
 def _send_event(state: SandboxState, name: str, params: Mapping[str, Any]) -> Reply:
     deliver = _bool_param(params, "deliver", True)
+    forge = _bool_param(params, "forge")
     with state.lock:
         portal = _portal(state, name)
         version = params.get("version")
+        app_token = params.get("application_token")
         try:
             deliveries = events.prepare(
                 state,
@@ -428,6 +436,8 @@ def _send_event(state: SandboxState, name: str, params: Mapping[str, Any]) -> Re
                 user_id=_user_id(portal, params),
                 version=int(version) if version is not None else None,
                 fallback=_bool_param(params, "fallback", True),
+                forge=forge,
+                application_token=str(app_token) if app_token is not None else None,
             )
         except (events.EventError, ValueError) as exc:
             raise ControlError(400, str(exc)) from exc
@@ -445,6 +455,7 @@ def _send_event(state: SandboxState, name: str, params: Mapping[str, Any]) -> Re
         {
             "deliveries": results,
             "payload": deliveries[0].payload if deliveries else None,
+            "forged": forge,
             "portal": snapshot,
         },
     )

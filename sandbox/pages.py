@@ -6,8 +6,10 @@ script is JSON with ``<``, ``>`` and ``&`` escaped, and the script only ever wri
 
 The portal page loads the app the way Bitrix24 does: it asks the control API for a launch
 (fresh tokens for the chosen user), builds a hidden ``<form method=POST target=app-frame>``
-with the frame parameters and submits it into ``<iframe name="app-frame">``. The app's origin
-differs from the portal's (another port), as in production.
+with the frame parameters and submits it into ``<iframe name="app-frame">``. The page is served
+from the portal's own origin (with distinct hosts, ``http://127.0.0.N:PORT``), so the frame's
+parent is that origin and the app's origin differs from it, as in production. The page calls
+the control API same-origin (it answers on every host).
 
 Query parameters: ``user`` (user id), ``lang`` (``en``/``ru``), ``open=1`` (open the app on
 load), ``installer=1`` (open the installer instead), ``placement`` (a bound placement code).
@@ -114,7 +116,8 @@ _JS = """
     const event = $('event-name').value;
     const clean = $('event-clean').checked ? 1 : 0;
     try {
-      const res = await post('event', {event: event, clean: clean, user_id: 1});
+      const user = event === 'ONAPPUSERREADY' ? userId() : 1;
+      const res = await post('event', {event: event, clean: clean, user_id: user});
       for (const d of res.deliveries) {
         const outcome = d.status === null ? (d.error || 'not delivered') : d.status;
         log(event + ' -> ' + d.handler + ' : ' + outcome);
@@ -258,7 +261,8 @@ def render_portal_page(
 <div class="shell">
   <aside class="sidebar">
     <h1 id="portal-name">{escape(portal.name)}</h1>
-    <div class="meta">{escape(portal.domain)}<br>member_id {escape(portal.member_id)}</div>
+    <div class="meta">{escape(state.domain(portal))}<br>{escape(state.origin(portal))}<br>
+      member_id {escape(portal.member_id)}</div>
     <nav>
       <a href="#">Задачи и проекты</a>
       <a href="#" class="active">Приложения</a>
@@ -281,6 +285,7 @@ def render_portal_page(
       <span class="sep"></span>
       <select id="event-name" aria-label="Event">
         <option>ONAPPINSTALL</option><option>ONAPPUPDATE</option><option>ONAPPUNINSTALL</option>
+        <option>ONAPPUSERREADY</option>
       </select>
       <label><input type="checkbox" id="event-clean"> CLEAN</label>
       <button type="button" id="send-event" class="warn">Send event</button>
@@ -302,7 +307,7 @@ def render_portal_page(
 def render_index(state: SandboxState) -> str:
     """List of portals with their page and REST endpoints. Call with the state lock held."""
     rows = "".join(
-        f'<tr><td><a href="/p/{escape(p.name)}/">{escape(p.name)}</a></td>'
+        f'<tr><td><a href="{escape(state.page_url(p))}">{escape(p.name)}</a></td>'
         f"<td>{escape(p.member_id)}</td><td>{escape(state.client_endpoint(p))}</td>"
         f"<td>{'yes' if p.installed else 'no'}</td></tr>"
         for p in state.portals.values()

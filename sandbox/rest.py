@@ -1,8 +1,10 @@
-"""The portal REST entry point: ``{base}/p/NAME/rest/<method>``.
+"""The portal REST entry point: ``{origin}/p/NAME/rest/<method>`` (``client_endpoint``).
 
 Order of processing for one HTTP request (each step can end the request):
 
-1. portal lookup - an old name after a rename gets ``302`` to the new path (query kept);
+1. portal lookup - an old host/name after a rename gets ``302`` to the new address (query
+   kept); with distinct hosts, a request on another host than the portal's gets 404
+   ``NOT_FOUND`` ("wrong host");
 2. ``latency_ms`` sleep (outside the lock);
 3. ``portal_deleted`` -> 500 ``PORTAL_DELETED``;
 4. ``error_5xx_ratio`` -> 500 ``INTERNAL_SERVER_ERROR`` (JSON) or 502 (nginx HTML), before
@@ -269,16 +271,25 @@ def _fault(state: SandboxState, portal: Portal) -> Reply:
     return Reply.html(502, NGINX_502)
 
 
+def wrong_host(state: SandboxState, name: str, host: str, portal: Portal | None) -> Reply:
+    """404 for ``/p/NAME/...`` on a host that is not the portal's (distinct hosts only)."""
+    where = f" (it is served at {state.origin(portal)})" if portal is not None else ""
+    return Reply.error(
+        404, "NOT_FOUND", f"Portal {name!r} is not served on {host or '?'}: wrong host{where}"
+    )
+
+
 def handle_portal_rest(
     state: SandboxState, portal_name: str, method_name: str, req: Request
 ) -> Reply:
     """Serve one portal REST request (see the module docstring for the order of checks)."""
     arrived = state.clock()
     with state.lock:
-        portal, new_name = state.resolve(portal_name)
-        if new_name is not None:
-            location = f"{state.base_url}/p/{new_name}/rest/{method_name}"
-            return Reply.redirect(location + (f"?{req.query}" if req.query else ""))
+        found, portal = state.locate(req.local_host, portal_name)
+        if found == "moved" and portal is not None:
+            return Reply.redirect(state.location(portal, f"rest/{method_name}", req.query))
+        if found == "wrong_host":
+            return wrong_host(state, portal_name, req.local_host, portal)
         if portal is None:
             return Reply.error(404, "PORTAL_NOT_FOUND", f"Portal {portal_name!r} does not exist")
         latency = state.knobs_for(portal).latency_ms

@@ -33,6 +33,9 @@ LOCAL_APP_ID = 7
 APP_STATUS = "F"
 SEED_PORTALS = ("alpha", "beta")
 PIN_LOG_SIZE = 500
+SEED_HOST_BLOCK = 0  # seed portals live on 127.0.x.y
+RENAME_HOST_BLOCK = 1  # renamed portals move to 127.1.x.y
+_HOSTS_PER_OCTET = 253  # .2 .. .254 of every /24
 
 
 def iso(ts: float) -> str:
@@ -239,6 +242,7 @@ class Counters:
     refresh_dropped: int = 0
     tokens_issued: int = 0
     events_sent: int = 0
+    events_forged: int = 0
 
     def bump(self, table: dict[str, int], key: str, amount: int = 1) -> None:
         table[key] = table.get(key, 0) + amount
@@ -269,9 +273,13 @@ class Portal:
     operating: OperatingMeter = field(default_factory=OperatingMeter)
     counters: Counters = field(default_factory=Counters)
     pin_log: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=PIN_LOG_SIZE))
+    host: str = ""  # the loopback address the portal is served on (see SandboxState.origin)
+    old_hosts: list[str] = field(default_factory=list)  # before renames: answer 302
+    old_names: list[str] = field(default_factory=list)
 
     @property
     def domain(self) -> str:
+        """The display domain (``DOMAIN`` itself is :meth:`SandboxState.domain`)."""
         return f"{self.name}.sandbox.localhost"
 
     def new_binding_id(self) -> int:
@@ -569,12 +577,44 @@ def seed_names(count: int) -> list[str]:
     return names
 
 
+def loopback_host(block: int, index: int) -> str:
+    """The ``index``-th portal address of a block: ``127.<block>.<index // 253>.<2 + index % 253>``.
+
+    Block 0 holds the seed portals in seed order (alpha 127.0.0.2, beta 127.0.0.3, ...), block 1
+    the hosts renames move portals to (127.1.0.2, 127.1.0.3, ...). Linux routes all of
+    127.0.0.0/8 to the loopback interface, so these bind without any setup.
+    """
+    third, fourth = divmod(index, _HOSTS_PER_OCTET)
+    if index < 0 or third > 255:
+        raise ValueError(f"no loopback address #{index} in block {block}")
+    return f"127.{block}.{third}.{2 + fourth}"
+
+
+def _old_address(portal: Portal, host: str | None, name: str) -> bool:
+    """Is (host, name) a past address of ``portal`` (old host and/or old name)?"""
+    hosts_match = host is None or host == portal.host or host in portal.old_hosts
+    names_match = name == portal.name or name in portal.old_names
+    return hosts_match and names_match and (host, name) != (portal.host, portal.name)
+
+
+def seed_hosts(count: int) -> list[str]:
+    """The hosts of the seed portals of ``SandboxState(portals=count)``, in seed order."""
+    return [loopback_host(SEED_HOST_BLOCK, i) for i in range(len(seed_names(count)))]
+
+
 # --------------------------------------------------------------------------------------------
 # the state
 
 
 class SandboxState:
-    """All mutable sandbox data. Take ``lock`` around any read-modify-write."""
+    """All mutable sandbox data. Take ``lock`` around any read-modify-write.
+
+    With ``distinct_hosts`` every portal has its own loopback host (``portal.host``) on
+    ``portal_port``: its origin is ``http://<host>:<portal_port>`` and requests for its pages or
+    REST must arrive on that host (:meth:`locate`). ``bind_host`` is called for a host a rename
+    moves a portal to (the server binds a listener there; it may raise :class:`OSError`).
+    Without it, every portal shares ``base_url`` as before.
+    """
 
     def __init__(
         self,
@@ -586,6 +626,10 @@ class SandboxState:
         portals: int = 2,
         knobs: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        distinct_hosts: bool = False,
+        portal_port: int | None = None,
+        base_host: str | None = None,
+        bind_host: Callable[[str], None] | None = None,
     ) -> None:
         if portals < 1:
             raise ValueError("portals must be >= 1")
@@ -596,6 +640,12 @@ class SandboxState:
         self.client_secret = client_secret
         self.portal_count = portals
         self.clock = clock
+        base = urlsplit(self.base_url)
+        self.distinct_hosts = distinct_hosts
+        self.base_host = base_host or base.hostname or "127.0.0.1"
+        self.portal_port = portal_port or base.port or (443 if base.scheme == "https" else 80)
+        self.bind_host: Callable[[str], None] = bind_host or (lambda host: None)
+        self.renames = 0  # rename hosts handed out since the last reset
         self._initial_knobs = Knobs(**{k: coerce_knob(k, v) for k, v in (knobs or {}).items()})
         self.knobs = self._initial_knobs
         self.portal_knobs: dict[str, dict[str, Any]] = {}  # by member_id
@@ -610,13 +660,18 @@ class SandboxState:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def reset(self, keep_knobs: bool = False) -> None:
-        """Back to the seed: same names and member_ids, no tokens, counters zero."""
+        """Back to the seed: same names, member_ids and hosts, no tokens, counters zero."""
         with self.lock:
             if not keep_knobs:
                 self.knobs = self._initial_knobs
                 self.portal_knobs = {}
-            self.portals = {name: seed_portal(name) for name in seed_names(self.portal_count)}
+            names = seed_names(self.portal_count)
+            hosts = seed_hosts(self.portal_count) if self.distinct_hosts else []
+            self.portals = {name: seed_portal(name) for name in names}
+            for index, portal in enumerate(self.portals.values()):
+                portal.host = hosts[index] if hosts else self.base_host
             self.aliases = {}
+            self.renames = 0
             self.access_tokens = {}
             self.refresh_tokens = {}
             self.oauth_unknown_failures = 0
@@ -632,13 +687,75 @@ class SandboxState:
     def oauth_domain(self) -> str:
         return urlsplit(self.base_url).netloc
 
+    def origin(self, portal: Portal) -> str:
+        """``scheme://host:port`` the portal is served on (``base_url`` without distinct hosts)."""
+        if not self.distinct_hosts:
+            return self.base_url
+        return f"http://{portal.host}:{self.portal_port}"
+
+    def domain(self, portal: Portal) -> str:
+        """``DOMAIN`` / ``auth[domain]`` / ``install.domain``.
+
+        With distinct hosts it is the portal's ``host:port``, so ``PROTOCOL://DOMAIN`` is the
+        portal's origin, as on Bitrix24 (BX24.js posts to the parent frame at that origin).
+        Without, the display domain ``NAME.sandbox.localhost``.
+        """
+        if not self.distinct_hosts:
+            return portal.domain
+        return urlsplit(self.origin(portal)).netloc
+
+    def protocol(self, portal: Portal) -> str:
+        """The launch query's ``PROTOCOL``: 1 for https."""
+        return "1" if self.origin(portal).startswith("https:") else "0"
+
+    def portal_uri(self, portal: Portal) -> str:
+        """app.info's ``install.uri``."""
+        return self.origin(portal) if self.distinct_hosts else f"http://{portal.domain}"
+
     def client_endpoint(self, portal: Portal) -> str:
-        return f"{self.base_url}/p/{portal.name}/rest/"
+        return f"{self.origin(portal)}/p/{portal.name}/rest/"
 
     def page_url(self, portal: Portal) -> str:
-        return f"{self.base_url}/p/{portal.name}/"
+        return f"{self.origin(portal)}/p/{portal.name}/"
+
+    def location(self, portal: Portal, rest: str, query: str = "") -> str:
+        """``{origin}/p/NAME/{rest}[?query]``: where a moved address redirects to."""
+        return f"{self.origin(portal)}/p/{portal.name}/{rest}" + (f"?{query}" if query else "")
+
+    def serves_base(self, host: str) -> bool:
+        """Whether a request that arrived on ``host`` may reach the OAuth server and index."""
+        return not self.distinct_hosts or host == self.base_host
+
+    def portal_on_host(self, host: str) -> Portal | None:
+        if not self.distinct_hosts:
+            return None
+        return next((p for p in self.portals.values() if p.host == host), None)
 
     # -- lookup --------------------------------------------------------------------------------
+
+    def locate(self, host: str, name: str) -> tuple[str, Portal | None]:
+        """Route ``/p/NAME/...`` that arrived on local address ``host``.
+
+        Returns ``("ok", portal)``; ``("moved", portal)`` for an old host and/or old name of a
+        renamed portal (answer 302 to :meth:`location`); ``("wrong_host", portal_or_None)`` when
+        the name is known but this host is not (one of) the portal's; ``("missing", None)``.
+        Without distinct hosts the host is ignored (renames are by name only).
+        """
+        checked = host if self.distinct_hosts else None
+        portal = self.portals.get(name)
+        if portal is not None and checked in (None, portal.host):
+            return "ok", portal
+        for candidate in (self.portal_by_name_or_alias(name), self._old_host_owner(checked)):
+            if candidate is not None and _old_address(candidate, checked, name):
+                return "moved", candidate
+        if portal is not None or name in self.aliases:
+            return "wrong_host", portal or self.portal_by_name_or_alias(name)
+        return "missing", None
+
+    def _old_host_owner(self, host: str | None) -> Portal | None:
+        if host is None:
+            return None
+        return next((p for p in self.portals.values() if host in p.old_hosts), None)
 
     def resolve(self, name: str) -> tuple[Portal | None, str | None]:
         """Find a portal by current name; for an old (renamed) name return the new name."""
@@ -663,6 +780,8 @@ class SandboxState:
         return None
 
     def rename(self, portal: Portal, new_name: str) -> None:
+        """Rename; with distinct hosts the portal also moves to a new host (may raise OSError)."""
+        new_host = self._allocate_rename_host() if self.distinct_hosts else portal.host
         old = portal.name
         del self.portals[old]
         self.aliases.pop(new_name, None)
@@ -670,8 +789,26 @@ class SandboxState:
             if target == old:
                 self.aliases[alias] = new_name
         self.aliases[old] = new_name
+        portal.old_names.append(old)
+        if new_host != portal.host:
+            portal.old_hosts.append(portal.host)
+            portal.host = new_host
         portal.name = new_name
         self.portals[new_name] = portal
+
+    def _allocate_rename_host(self) -> str:
+        """The next free host of the rename block, with a listener bound (skips busy ones)."""
+        failure: OSError | None = None
+        for _ in range(16):
+            host = loopback_host(RENAME_HOST_BLOCK, self.renames)
+            self.renames += 1
+            try:
+                self.bind_host(host)
+            except OSError as exc:
+                failure = exc
+                continue
+            return host
+        raise OSError(f"no rename host could be bound: {failure}")
 
     # -- knobs ---------------------------------------------------------------------------------
 
@@ -810,15 +947,23 @@ class SandboxState:
 
     # -- snapshot ------------------------------------------------------------------------------
 
+    def _address_view(self, portal: Portal) -> dict[str, Any]:
+        return {
+            "domain": self.domain(portal),
+            "display_domain": portal.domain,
+            "origin": self.origin(portal),
+            "old_origins": [f"http://{host}:{self.portal_port}" for host in portal.old_hosts],
+            "client_endpoint": self.client_endpoint(portal),
+            "page_url": self.page_url(portal),
+        }
+
     def portal_snapshot(self, portal: Portal) -> dict[str, Any]:
         knobs = self.knobs_for(portal)
         return {
             "name": portal.name,
             "seed_name": portal.seed_name,
             "member_id": portal.member_id,
-            "domain": portal.domain,
-            "client_endpoint": self.client_endpoint(portal),
-            "page_url": self.page_url(portal),
+            **self._address_view(portal),
             "language": portal.language,
             "installed": portal.installed,
             "application_token": portal.application_token,
@@ -881,6 +1026,7 @@ class SandboxState:
         )
         return {
             "base_url": self.base_url,
+            "distinct_hosts": self.distinct_hosts,
             "server_endpoint": self.server_endpoint,
             "app_url": self.app_url,
             "client_id": self.client_id,

@@ -17,7 +17,9 @@ HTML_TYPE = "text/html; charset=utf-8"
 class Request:
     """An incoming HTTP request, already read from the socket.
 
-    ``headers`` has lower-case names.
+    ``headers`` has lower-case names. ``local_host`` is the address the connection arrived on
+    (the socket's local address, which a client cannot fake, unlike ``Host``); it picks the
+    portal when every portal has its own loopback host.
     """
 
     method: str
@@ -25,6 +27,7 @@ class Request:
     query: str
     headers: Mapping[str, str]
     body: bytes = b""
+    local_host: str = ""
 
     def params(self) -> dict[str, Any]:
         """Query string merged with the body (body wins, like PHP's ``$_REQUEST``).

@@ -1,7 +1,8 @@
 """Fixtures for the sandbox's own tests: no Django, no Redis - just the simulated portal.
 
 Run with ``pytest tests/sandbox -p no:django``. Every test gets a fresh in-process
-:class:`~sandbox.server.SandboxServer` on a free port.
+:class:`~sandbox.server.SandboxServer` on a free port, with distinct hosts where the platform
+has them (Linux: alpha on 127.0.0.2, beta on 127.0.0.3, ...).
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ class SandboxClient:
     def __init__(self, server: SandboxServer) -> None:
         self.server = server
         self.url = server.url
+
+    def origin(self, portal: str = "alpha") -> str:
+        return self.server.origin(portal)
+
+    def endpoint(self, portal: str = "alpha") -> str:
+        """The portal's ``client_endpoint`` (``{origin}/p/NAME/rest/``)."""
+        return self.server.client_endpoint(portal)
 
     # control API
     def control(self, path: str, payload: dict[str, Any] | None = None) -> Any:
@@ -72,7 +80,7 @@ class SandboxClient:
         if token is not None:
             body["auth"] = token
         return requests.post(
-            f"{self.url}/p/{portal}/rest/{method}",
+            f"{self.endpoint(portal)}{method}",
             json=body,
             timeout=TIMEOUT,
             allow_redirects=False,

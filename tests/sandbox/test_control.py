@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import requests
 
 from .conftest import Receiver, SandboxClient
@@ -22,7 +23,7 @@ def test_launch_form_fields(sb: SandboxClient) -> None:
     url = urlsplit(launched["url"])
     assert f"{url.scheme}://{url.netloc}{url.path}" == "http://127.0.0.1:8000/b24/app/"
     query = {k: v[0] for k, v in parse_qs(url.query).items()}
-    assert query["DOMAIN"] == "alpha.sandbox.localhost"
+    assert query["DOMAIN"] == sb.state()["domain"]
     assert query["PROTOCOL"] == "0" and query["LANG"] == "ru" and len(query["APP_SID"]) == 32
     form = launched["form"]
     assert set(form) == {
@@ -65,7 +66,7 @@ def test_placement_launch_needs_binding_and_install(sb: SandboxClient) -> None:
     launched = sb.launch(user_id=3, placement="TASK_VIEW_TAB", placement_options={"taskId": 1007})
     assert launched["action"] == handler
     options = json.loads(launched["form"]["PLACEMENT_OPTIONS"])
-    assert options == {"taskId": 1007, "URI": f"{sb.url}/p/alpha/"}
+    assert options == {"taskId": 1007, "URI": f"{sb.origin()}/p/alpha/"}
 
 
 def test_onappinstall_delivery_format(sb: SandboxClient, receiver: Receiver) -> None:
@@ -83,9 +84,9 @@ def test_onappinstall_delivery_format(sb: SandboxClient, receiver: Receiver) -> 
     state = sb.state()
     assert state["installed"] is True
     expected_auth = {
-        "auth[domain]": "alpha.sandbox.localhost",
+        "auth[domain]": state["domain"],
         "auth[member_id]": state["member_id"],
-        "auth[client_endpoint]": f"{sb.url}/p/alpha/rest/",
+        "auth[client_endpoint]": f"{sb.origin()}/p/alpha/rest/",
         "auth[server_endpoint]": f"{sb.url}/rest/",
         "auth[application_token]": state["application_token"],
         "auth[scope]": "task,placement",
@@ -165,30 +166,33 @@ def test_event_fallback_and_unreachable_handler(sb: SandboxClient) -> None:
 def test_rename_redirects_and_keeps_member_id(sb: SandboxClient) -> None:
     pair = sb.tokens(user_id=2)
     member_id = sb.state()["member_id"]
+    old_origin = sb.origin("alpha")
     renamed = sb.control("p/alpha/rename", {"new_name": "alpha2"})
     assert renamed["portal"]["member_id"] == member_id
+    new_origin = renamed["portal"]["origin"]
     old = requests.post(
-        f"{sb.url}/p/alpha/rest/profile?auth={pair['access_token']}&x=1",
+        f"{old_origin}/p/alpha/rest/profile?auth={pair['access_token']}&x=1",
         json={},
         allow_redirects=False,
         timeout=10,
     )
     assert old.status_code == 302
     assert old.headers["Location"] == (
-        f"{sb.url}/p/alpha2/rest/profile?auth={pair['access_token']}&x=1"
+        f"{new_origin}/p/alpha2/rest/profile?auth={pair['access_token']}&x=1"
     )
     assert sb.result("profile", pair["access_token"], portal="alpha2")["ID"] == "2"
-    page = requests.get(f"{sb.url}/p/alpha/?user=2", allow_redirects=False, timeout=10)
-    assert page.status_code == 302 and page.headers["Location"] == f"{sb.url}/p/alpha2/?user=2"
+    page = requests.get(f"{old_origin}/p/alpha/?user=2", allow_redirects=False, timeout=10)
+    assert page.status_code == 302
+    assert page.headers["Location"] == f"{new_origin}/p/alpha2/?user=2"
     refreshed = sb.refresh(pair["refresh_token"]).json()
-    assert refreshed["client_endpoint"] == f"{sb.url}/p/alpha2/rest/"
+    assert refreshed["client_endpoint"] == f"{new_origin}/p/alpha2/rest/"
     assert refreshed["member_id"] == member_id
     info = requests.get(
         f"{sb.url}/rest/app.info", params={"auth": refreshed["access_token"]}, timeout=10
     ).json()["result"]["install"]
-    assert info["domain"] == "alpha2.sandbox.localhost"
-    assert info["client_endpoint"] == f"{sb.url}/p/alpha2/rest/"
-    assert sb.launch(user_id=1)["query"]["DOMAIN"] == "alpha2.sandbox.localhost"
+    assert info["domain"] == sb.state("alpha2")["domain"]
+    assert info["client_endpoint"] == f"{new_origin}/p/alpha2/rest/"
+    assert sb.launch(user_id=1)["query"]["DOMAIN"] == info["domain"]
 
 
 def test_reset_config_and_pins_control(sb: SandboxClient) -> None:
@@ -228,7 +232,7 @@ def test_seed_data_shape(sb: SandboxClient) -> None:
 
 
 def test_portal_page_escapes_and_embeds_frame(sb: SandboxClient) -> None:
-    page = requests.get(f"{sb.url}/p/alpha/?user=2&lang=ru&open=1", timeout=10)
+    page = requests.get(f"{sb.origin()}/p/alpha/?user=2&lang=ru&open=1", timeout=10)
     assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
     html = page.text
     assert '<iframe name="app-frame" id="app-frame"' in html
@@ -243,13 +247,23 @@ def test_portal_page_escapes_and_embeds_frame(sb: SandboxClient) -> None:
         assert f'id="{button}"' in html
     assert "Разработка" not in html  # flow 106 is invisible to user 2
     index = requests.get(f"{sb.url}/", timeout=10)
-    assert index.status_code == 200 and "/p/beta/" in index.text
+    assert index.status_code == 200 and f"{sb.origin('beta')}/p/beta/" in index.text
 
 
-def test_cli_subprocess_serves_and_exits_cleanly() -> None:
+@pytest.mark.parametrize(
+    ("flags", "env_flag", "shared"),
+    [([], None, sys.platform != "linux"), (["--no-distinct-hosts"], None, True), ([], "0", True)],
+)
+def test_cli_subprocess_serves_and_exits_cleanly(
+    flags: list[str], env_flag: str | None, shared: bool
+) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("SANDBOX_DISTINCT_HOSTS", None)
+    if env_flag is not None:
+        env["SANDBOX_DISTINCT_HOSTS"] = env_flag
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "--port", "0", "--portals", "3", "--knob", "rate=9"],
+        [sys.executable, "-m", "sandbox", "--port", "0", "--portals", "3", "--knob", "rate=9"]
+        + flags,
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -260,9 +274,13 @@ def test_cli_subprocess_serves_and_exits_cleanly() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         base = line.split(" on ", 1)[1].split(" ", 1)[0]
-        assert base.startswith("http://127.0.0.1:") and f"{base}/p/p3/" in line
+        assert base.startswith("http://127.0.0.1:")
         state = requests.get(f"{base}/_sandbox/state", timeout=10).json()
         assert set(state["portals"]) == {"alpha", "beta", "p3"} and state["knobs"]["rate"] == 9.0
+        assert state["distinct_hosts"] is not shared
+        port = base.rsplit(":", 1)[1]
+        p3 = f"{base}/p/p3/" if shared else f"http://127.0.0.4:{port}/p/p3/"
+        assert state["portals"]["p3"]["page_url"] == p3 and p3 in line
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     finally:

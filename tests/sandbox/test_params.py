@@ -56,7 +56,7 @@ def test_form_encoded_bracket_params_reach_the_method(sb: SandboxClient) -> None
         [("auth", token), ("filter[FLOW_ID]", "103"), ("select[]", "ID"), ("select[]", "FLOW_ID")]
     )
     response = requests.post(
-        f"{sb.url}/p/alpha/rest/tasks.task.list",
+        f"{sb.endpoint()}tasks.task.list",
         data=body,
         headers={"Content-Type": "application/x-www-form-urlencoded"},
         timeout=10,
@@ -70,6 +70,6 @@ def test_form_encoded_bracket_params_reach_the_method(sb: SandboxClient) -> None
 def test_query_string_brackets_with_get(sb: SandboxClient) -> None:
     token = sb.token(user_id=1)
     query = urlencode([("auth", token), ("filter[@ID][0]", "101"), ("filter[@ID][1]", "104")])
-    response = requests.get(f"{sb.url}/p/alpha/rest/tasks.flow.Flow.list.json?{query}", timeout=10)
+    response = requests.get(f"{sb.endpoint()}tasks.flow.Flow.list.json?{query}", timeout=10)
     assert response.status_code == 200, response.text
     assert [f["id"] for f in response.json()["result"]] == [101, 104]

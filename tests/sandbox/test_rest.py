@@ -204,3 +204,26 @@ def test_portal_app_info_follows_install_state(sb: SandboxClient) -> None:
     finished = sb.control("p/alpha/install_finish", {})
     assert finished["installed"] is True and len(finished["application_token"]) == 32
     assert sb.result("app.info", token)["INSTALLED"] is True
+
+
+def test_ordinary_users_are_refused_admin_methods(sb: SandboxClient) -> None:
+    """placement.bind/unbind/get need an administrator; event.bind lets a user bind for
+    themself only (online events, AUTH_TYPE = own id), as in CRestEvent::eventBind."""
+    admin, user2 = sb.token(user_id=1), sb.token(user_id=2)
+    assert sb.result("user.admin", admin) is True and sb.result("user.admin", user2) is False
+    handler = "http://127.0.0.1:8000/b24/placement/"
+    for method, params in (
+        ("placement.bind", {"PLACEMENT": "TASK_VIEW_TAB", "HANDLER": handler}),
+        ("placement.unbind", {"PLACEMENT": "TASK_VIEW_TAB"}),
+        ("placement.get", {}),
+    ):
+        refused = sb.call(method, user2, **params)
+        assert refused.status_code == 403 and refused.json()["error"] == "ACCESS_DENIED", method
+    assert sb.state()["placements"] == []
+    hook = "http://127.0.0.1:8000/b24/events/"
+    offline = sb.call("event.bind", user2, event="ONTASKADD", event_type="offline")
+    assert offline.status_code == 403 and offline.json()["error"] == "ACCESS_DENIED"
+    for_admin = sb.call("event.bind", user2, event="ONAPPUNINSTALL", handler=hook, auth_type=1)
+    assert for_admin.status_code == 403
+    assert sb.result("event.bind", user2, event="ONAPPUNINSTALL", handler=hook) is True
+    assert sb.state()["events"][0]["auth_type"] == 2  # bound for the caller, not the app
