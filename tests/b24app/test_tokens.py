@@ -15,7 +15,7 @@ from django.db import close_old_connections, connection
 from django.test import Client
 
 from b24app import services
-from b24app.bitrix import errors
+from b24app.bitrix import errors, oauth
 from b24app.models import Portal, PortalUser, RestCall
 from tests.helpers import install, launch, post_frame, sb, state
 
@@ -161,7 +161,9 @@ def test_a_renamed_portal_is_followed_and_remembered(sandbox: Any) -> None:
     sb(sandbox, "p/alpha/rename", {"new_name": "alpha2"})
     assert _profile(PortalUser.objects.get(user_id=1))["ID"] == "1"
     portal = Portal.objects.get()
-    assert "/p/alpha2/rest/" in portal.client_endpoint
+    renamed = state(sandbox, "alpha2")
+    assert portal.client_endpoint == renamed["client_endpoint"]  # the new host, confirmed
+    assert oauth.origin_of(portal.client_endpoint) != renamed["old_origins"][0]
     assert RestCall.objects.filter(error="MOVED").count() == 1
 
 

@@ -53,7 +53,7 @@ def page_for(sandbox: Any, live_server: Any, browser: Any, celery_worker_process
         context = browser.new_context(viewport={"width": 1280, "height": 900})
         contexts.append(context)
         page = context.new_page()
-        page.goto(f"{sandbox.url}/p/alpha/?user={user_id}&lang={lang}&open=1")
+        page.goto(f"{sandbox.portal_url('alpha')}?user={user_id}&lang={lang}&open=1")
         frame = page.frame_locator("#app-frame")
         frame.locator("#flows").wait_for(timeout=15000)
         return page, frame

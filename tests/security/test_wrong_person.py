@@ -307,3 +307,123 @@ def test_a_redirect_bitrix24_does_not_confirm_is_not_followed(sandbox: Any, atta
         server.server_close()
     assert attacker.requests == []
     assert Portal.objects.get().client_endpoint == moved
+
+
+# --- 5. renames: the frame follows the host -------------------------------------------------
+
+
+def frame_ancestors(response: Any) -> set[str]:
+    policy = response["Content-Security-Policy"]
+    directive = next(d for d in policy.split(";") if d.strip().startswith("frame-ancestors"))
+    return set(directive.split()[1:])
+
+
+def test_after_a_rename_the_next_open_is_framed_by_the_new_host_only(sandbox: Any) -> None:
+    client = Client()
+    install(client, sandbox)
+    old_origin = sandbox.origin("alpha")
+    assert frame_ancestors(post_frame(client, launch(sandbox, "alpha", 2))) == {
+        "'self'",
+        old_origin,
+    }
+    sb(sandbox, "p/alpha/rename", {"new_name": "alpha2"})
+    new_origin = sandbox.origin("alpha2")
+    assert new_origin != old_origin  # Bitrix24 renames change the host
+    response = post_frame(client, launch(sandbox, "alpha2", 2))
+    assert response.status_code == 200
+    assert frame_ancestors(response) == {"'self'", new_origin}  # no REST 302 needed first
+    assert Portal.objects.get().client_endpoint == state(sandbox, "alpha2")["client_endpoint"]
+
+
+def test_a_cached_verification_yields_to_a_frame_parent_that_disagrees(sandbox: Any) -> None:
+    """The same token opened again right after a rename: its cached app.info still names the
+    old host, but the browser's Origin (the new portal page) makes the app ask Bitrix24 again.
+    The header alone decides nothing: a made-up Origin changes no stored address."""
+    client = Client()
+    install(client, sandbox)
+    opened = launch(sandbox, "alpha", 2)
+    assert post_frame(client, opened).status_code == 200
+    before = Portal.objects.get().client_endpoint
+    made_up = client.post(
+        f"{opened['action']}?{urlencode(opened['query'])}",
+        data=opened["form"],
+        HTTP_ORIGIN="https://evil.example",
+    )
+    assert made_up.status_code == 200
+    assert Portal.objects.get().client_endpoint == before
+    assert "https://evil.example" not in frame_ancestors(made_up)
+    sb(sandbox, "p/alpha/rename", {"new_name": "alpha2"})
+    reopened = client.post(
+        f"{opened['action']}?{urlencode(opened['query'])}",
+        data=opened["form"],
+        HTTP_ORIGIN=sandbox.origin("alpha2"),
+    )
+    assert reopened.status_code == 200
+    assert frame_ancestors(reopened) == {"'self'", sandbox.origin("alpha2")}
+    assert Portal.objects.get().client_endpoint == state(sandbox, "alpha2")["client_endpoint"]
+
+
+# --- events as the sandbox delivers them ----------------------------------------------------
+
+
+def test_the_sandbox_delivers_onappuserready_to_the_installer_url_and_nothing_changes(
+    sandbox: Any, live_server: Any
+) -> None:
+    sandbox.state.app_url = live_server.url
+    install(Client(), sandbox)
+    before = stored_state()
+    result = sb(sandbox, "p/alpha/event", {"event": "ONAPPUSERREADY", "user_id": ORDINARY})
+    (delivery,) = result["deliveries"]
+    assert delivery["handler"] == f"{live_server.url}/b24/install/"
+    assert delivery["status"] == 200, delivery["body"]
+    assert stored_state() == before
+
+
+@pytest.mark.parametrize(
+    ("event", "extra", "status", "words"),
+    [
+        ("ONAPPUNINSTALL", {"clean": 1}, 403, "uninstall not confirmed by Bitrix24"),
+        ("ONAPPINSTALL", {}, 403, "Only an administrator"),
+        ("ONAPPUPDATE", {"application_token": "a-new-token-0001"}, 403, "Only an administrator"),
+    ],
+)
+def test_events_the_portal_did_not_emit_are_refused(
+    sandbox: Any, live_server: Any, event: str, extra: dict[str, Any], status: int, words: str
+) -> None:
+    sandbox.state.app_url = live_server.url
+    install(Client(), sandbox)
+    before = stored_state()
+    result = sb(
+        sandbox,
+        "p/alpha/event",
+        {
+            "event": event,
+            "forge": True,
+            "user_id": ORDINARY,
+            "handler": f"{live_server.url}/b24/events/",
+            **extra,
+        },
+    )
+    (delivery,) = result["deliveries"]
+    assert delivery["status"] == status and words in delivery["body"], delivery["body"]
+    assert stored_state() == before
+
+
+# --- valid credentials of another portal ----------------------------------------------------
+
+
+@pytest.mark.parametrize("event", ["ONAPPINSTALL", "ONAPPUPDATE"])
+def test_another_portals_admin_token_cannot_install_or_update_this_portal(
+    sandbox: Any, event: str
+) -> None:
+    client = Client()
+    install(client, sandbox)
+    before = stored_state()
+    theirs = launch(sandbox, "beta", 1)  # an admin — of beta
+    payload = self_made_event(event, theirs, application_token="a-new-token-0002")
+    payload["auth[member_id]"] = state(sandbox)["member_id"]  # aimed at alpha
+    refused(post_event("/b24/events/", payload), 403, "portal id does not match")
+    install_attack = launch(sandbox, "beta", 1, installer=True)
+    install_attack["form"]["member_id"] = state(sandbox)["member_id"]
+    refused(post_frame(client, install_attack), 403, "portal id does not match")
+    assert stored_state() == before
