@@ -212,6 +212,10 @@ def _portal_path(state: SandboxState, req: Request) -> Reply:
         found, portal = state.locate(req.local_host, name)
         if found == "moved" and portal is not None:
             return Reply.redirect(state.location(portal, rest, req.query))
+        if found == "wrong_host" and portal is not None and state.serves_base(req.local_host):
+            # A person who types the base address gets the page on the portal's own host;
+            # REST on a wrong host stays a 404, so the app must use the address it was given.
+            return Reply.redirect(state.location(portal, rest, req.query))
         if found == "wrong_host":
             return wrong_host(state, name, req.local_host, portal)
         if portal is None:

@@ -65,8 +65,12 @@ def test_wrong_host_is_404(sb: SandboxClient) -> None:
         assert (
             rest.json()["error"] == "NOT_FOUND" and "wrong host" in rest.json()["error_description"]
         )
-        page = get(at(host, sb, "/p/alpha/?user=2"))
-        assert page.status_code == 404 and page.json()["error"] == "NOT_FOUND"
+    # another portal's host has no page for alpha; the base host sends a person to alpha's own
+    page = get(at("127.0.0.3", sb, "/p/alpha/?user=2"))
+    assert page.status_code == 404 and page.json()["error"] == "NOT_FOUND"
+    typed = get(at("127.0.0.1", sb, "/p/alpha/?user=2"))
+    assert typed.status_code == 302
+    assert typed.headers["Location"] == f"http://127.0.0.2:{port}/p/alpha/?user=2"
     # the Host header cannot move a request: the socket's local address decides
     faked = get(
         at("127.0.0.3", sb, "/p/alpha/rest/profile"),
@@ -179,16 +183,17 @@ def test_portal_page_is_served_from_the_portal_origin(sb: SandboxClient) -> None
     assert page.status_code == 200 and '<iframe name="app-frame"' in page.text
     assert sb.state()["domain"] in page.text and sb.origin() in page.text
     assert '"control": "/_sandbox/p/alpha/"' in page.text  # same-origin control calls
-    assert get(f"{sb.url}/p/alpha/").status_code == 404  # not from the OAuth server's origin
+    typed = get(f"{sb.url}/p/alpha/")  # the OAuth server's origin sends a person there
+    assert typed.status_code == 302 and typed.headers["Location"] == f"{sb.origin()}/p/alpha/"
     index = get(f"{sb.url}/")
     assert f'href="{sb.origin("alpha")}/p/alpha/"' in index.text
 
 
 def test_many_portals_one_accept_thread() -> None:
-    before = {t.ident for t in threading.enumerate()}
+    before = set(threading.enumerate())  # thread objects: idents are reused
     with SandboxServer(port=0, portals=200) as srv:
         assert len(srv.hosts) == 201 and srv.hosts[-1] == "127.0.0.201"
-        threads = [t for t in threading.enumerate() if t.ident not in before]
+        threads = [t for t in threading.enumerate() if t not in before]
         assert [t.name for t in threads if t.name.startswith("sandbox-")] == [f"sandbox-{srv.port}"]
         assert len(threads) < 20  # not a thread per listener (other tests' threads may come and go)
         last = srv.client_endpoint("p200")
