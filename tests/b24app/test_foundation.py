@@ -31,25 +31,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("missing", ["SECRET_KEY", "B24_TOKEN_KEY", "B24_CLIENT_SECRET"])
 def test_start_up_outside_debug_names_the_missing_secret(missing: str, tmp_path: Path) -> None:
-    values = {
-        "SECRET_KEY": "x",
-        "B24_TOKEN_KEY": "y",
-        "B24_CLIENT_ID": "c",
-        "B24_CLIENT_SECRET": "s",
-        "ALLOWED_HOSTS": "example.com",
-    }
-    del values[missing]
-    env = _clean_env(
-        DEBUG="0", FLOWPINS_ENV_FILE=os.devnull, FLOWPINS_VAR_DIR=str(tmp_path), **values
-    )
-    proc = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = _check(_production_env(tmp_path, **{missing: ""}))
     assert proc.returncode != 0
     assert f"{missing} is not set" in proc.stderr
 
