@@ -37,6 +37,8 @@ RUN DEBUG=0 B24_CLIENT_ID=x B24_CLIENT_SECRET=x ALLOWED_HOSTS=localhost \
     python manage.py collectstatic --noinput -v0
 USER 10001
 EXPOSE 8000
+# GET http://127.0.0.1:$PORT/healthz with a Host from ALLOWED_HOSTS (Django refuses 127.0.0.1
+# there); /healthz is exempt from the https redirect.
 HEALTHCHECK --interval=30s --timeout=5s --retries=3 \
-    CMD ["python", "-c", "import os,urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '8000'), timeout=4)"]
+    CMD ["python", "-m", "b24app.probe"]
 CMD ["sh", "-c", "exec gunicorn b24app.wsgi --bind 0.0.0.0:${PORT} --workers 3 --threads 4 --access-logfile -"]

@@ -4,7 +4,7 @@ import logging
 import os
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 from kombu.transport import redis as kombu_redis
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
@@ -31,3 +31,35 @@ def _restore_unacked_once_or_leave_them(self: Any, stderr: Any = None) -> Any:
 
 
 kombu_redis.QoS.restore_unacked_once = _restore_unacked_once_or_leave_them  # type: ignore[method-assign]
+
+
+def _refuse_unreadable_tokens(**kwargs: Any) -> None:
+    """A worker whose B24_TOKEN_KEY cannot read the stored tokens would fail every task: stop it
+    before it takes any. Celery logs and swallows exceptions raised by signal handlers, so this
+    exits (SystemExit is not an Exception); Django is set up by then (Celery's Django fix-up runs
+    its worker_init handler first)."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from b24app.checks import refuse_unreadable_tokens
+
+    try:
+        refuse_unreadable_tokens()
+    except ImproperlyConfigured as exc:
+        _log.critical("%s", exc)
+        raise SystemExit(f"Flow Pins worker not started: {exc}") from None
+
+
+def _filter_worker_log_handlers(logger: logging.Logger, **kwargs: Any) -> None:
+    """Celery replaces the root logger's handlers with its own when a worker starts, and Django's
+    redacting filter (settings.LOGGING) goes with them: put it on Celery's handlers too, so a
+    worker's log lines are masked and escaped like the web server's."""
+    from b24app.logging import RedactSecretsFilter
+
+    for handler in logger.handlers:
+        if not any(isinstance(f, RedactSecretsFilter) for f in handler.filters):
+            handler.addFilter(RedactSecretsFilter())
+
+
+signals.worker_init.connect(_refuse_unreadable_tokens)
+signals.after_setup_logger.connect(_filter_worker_log_handlers)
+signals.after_setup_task_logger.connect(_filter_worker_log_handlers)

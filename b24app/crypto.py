@@ -22,10 +22,15 @@ def _fernet_for(secret: str) -> Fernet:
 
 @lru_cache(maxsize=4)
 def _cipher(keys: str) -> MultiFernet:
+    return MultiFernet(_fernets(keys))
+
+
+@lru_cache(maxsize=4)
+def _fernets(keys: str) -> list[Fernet]:
     parts = [k.strip() for k in keys.split(",") if k.strip()]
     if not parts:
         raise ValueError("B24_TOKEN_KEY is empty")
-    return MultiFernet([_fernet_for(p) for p in parts])
+    return [_fernet_for(p) for p in parts]
 
 
 def encrypt(plaintext: str) -> str:
@@ -45,3 +50,24 @@ def decrypt(ciphertext: str) -> str:
         return _cipher(settings.B24_TOKEN_KEY).decrypt(ciphertext.encode()).decode()
     except InvalidToken as exc:
         raise UndecryptableToken("a stored token cannot be decrypted with B24_TOKEN_KEY") from exc
+
+
+def readable(ciphertext: str) -> bool:
+    """Whether some key of B24_TOKEN_KEY opens this stored value."""
+    try:
+        decrypt(ciphertext)
+    except UndecryptableToken:
+        return False
+    return True
+
+
+def sealed_with_newest_key(ciphertext: str) -> bool:
+    """Whether the first (encrypting) key alone opens this stored value: once every value is,
+    the other keys can be dropped."""
+    if ciphertext == "":
+        return True
+    try:
+        _fernets(settings.B24_TOKEN_KEY)[0].decrypt(ciphertext.encode())
+    except InvalidToken:
+        return False
+    return True

@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     port = int(env.setdefault("PORT", "8000"))
     host = env.get("HOST", "127.0.0.1")
     env.setdefault("B24_APP_BASE_URL", f"http://127.0.0.1:{port}")
+    if env["B24_APP_BASE_URL"].startswith("http://"):
+        # Served over plain http here: outside DEBUG the https redirect would lock the browser out.
+        env.setdefault("SECURE_SSL_REDIRECT", "0")
     python = sys.executable
     bindir = str(Path(python).parent)
     sup = Supervisor()

@@ -1,8 +1,10 @@
-"""Defence in depth for the rule "secrets never reach a log line".
+"""Defence in depth for the rules "secrets never reach a log line" and "one record, one line".
 
 The code never logs a token on purpose; this filter masks anything that still looks like one
 (`access_token=...`, `"refresh_token": "..."`, `auth=...`, `AUTH_ID`, `client_secret`, ...), in the
-message and in its arguments, before any handler formats it.
+message and in its arguments, before any handler formats it. It also escapes control characters
+(newline, CR, ESC, ...): a logged value comes from a request at times (an event name, a portal's
+error text), and a newline in it would start a line that looks like a record of its own.
 """
 
 from __future__ import annotations
@@ -31,13 +33,31 @@ def redact(text: str) -> str:
     return _PATTERN.sub(lambda m: m.group("key") + "***", text)
 
 
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators (some log viewers and
+# JSON-lines shippers break lines on those too).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    return _NAMED.get(char) or (
+        f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+    )
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes (newline as \\n, ESC as \\x1b): never a new line."""
+    return _CONTROL.sub(_escaped, text)
+
+
 class RedactSecretsFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         try:
             message = record.getMessage()
         except Exception:  # a broken format string must not drop the record
             return True
-        cleaned = redact(message)
+        cleaned = escape_controls(redact(message))
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

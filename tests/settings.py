@@ -25,6 +25,9 @@ os.environ.setdefault("B24_ALLOW_HTTP", "1")
 os.environ.setdefault("B24_APP_BASE_URL", "http://127.0.0.1:8000")
 os.environ.setdefault("B24_JS_SDK_URL", "")
 os.environ.setdefault("FLOWPINS_ENV_FILE", os.devnull)
+# The tests (and the web and worker processes they start) speak plain http on 127.0.0.1, with no
+# TLS proxy in front: the production https redirect would answer every request with a 301.
+os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
 
 
 def _private_redis() -> str:

@@ -22,7 +22,9 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("B24_", "DJANGO_", "DATABASE_", "REDIS_", "FLOWPINS_", "PYTEST"))
+        if not k.startswith(
+            ("B24_", "DJANGO_", "DATABASE_", "REDIS_", "FLOWPINS_", "PYTEST", "SECURE_")
+        )
         and k not in {"SECRET_KEY", "DEBUG", "ALLOWED_HOSTS", "PORT"}
     }
     env.update(extra)
@@ -207,6 +209,22 @@ def test_start_up_outside_debug_accepts_a_real_configuration(tmp_path: Path) -> 
         tmp_path, B24_APP_BASE_URL="http://127.0.0.1:8000", B24_ALLOW_HTTP="1"
     )
     assert _check(sandbox).returncode == 0
+
+
+def test_django_deploy_checks_are_clean_under_production_settings(tmp_path: Path) -> None:
+    """HSTS, the https redirect, secure cookies, DEBUG off...: Django's own deployment checklist
+    has nothing to say (only the HSTS subdomain/preload advice is silenced, see settings)."""
+    proc = subprocess.run(
+        [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
+        cwd=ROOT,
+        env=_production_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "System check identified no issues" in proc.stdout
+    assert "WARNING" not in proc.stdout + proc.stderr
 
 
 def test_the_dockerfile_collectstatic_step_passes_the_start_up_checks(tmp_path: Path) -> None:
