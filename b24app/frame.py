@@ -90,6 +90,8 @@ def _field(data: QueryDict, name: str, *, required: bool = True, limit: int = 20
         raise Refused(400, f"The request is missing {name}: open the app from Bitrix24.")
     if len(value) > limit:
         raise Refused(400, f"{name} is too long.")
+    if "\x00" in value:  # Bitrix24 never sends one, and PostgreSQL text cannot hold it
+        raise Refused(400, f"{name} is malformed.")
     return value
 
 
@@ -108,7 +110,7 @@ def vouch_for_token(
         info = cached
     else:
         try:
-            info = oauth.app_info(server_endpoint, access_token)
+            info = oauth.app_info(server_endpoint, access_token, timeout=settings.B24_WEB_TIMEOUT)
         except TransientError:
             raise Refused(
                 503, "Bitrix24's authorization server did not answer; try again in a minute."
@@ -269,6 +271,11 @@ def verify_event(request: HttpRequest) -> VerifiedEvent:
         raise Refused(400, f"This app does not handle the event {name}.")
     data = request.POST
     auth = _brackets(data, "auth")
+    payload = _brackets(data, "data")
+    if any("\x00" in text for part in (auth, payload) for item in part.items() for text in item):
+        # Bitrix24 never sends one, and PostgreSQL text (the stored scope, endpoints) cannot
+        # hold it: refused here rather than failing at the database.
+        raise Refused(400, "The event holds a NUL character.")
     member_id = auth.get("member_id", "")
     if not member_id or not _MEMBER_RE.match(member_id):
         raise Refused(400, "The event has no valid auth[member_id].")
@@ -276,7 +283,6 @@ def verify_event(request: HttpRequest) -> VerifiedEvent:
     portal = Portal.objects.filter(member_id=member_id).first()
     known = portal is not None and portal.state != Portal.State.UNINSTALLED
     matches = known and portal is not None and tokens_equal(given, portal.application_token)
-    payload = _brackets(data, "data")
     if name in ACKNOWLEDGED:
         return VerifiedEvent(name, member_id, auth, payload, portal if matches else None, None)
     if name == "ONAPPUNINSTALL":

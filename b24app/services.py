@@ -29,6 +29,7 @@ from b24app.bitrix.errors import (
     PortalGone,
     TokenExpired,
 )
+from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE
 from b24app.models import Portal, PortalUser, RestCall
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,13 @@ def confirm_moved(member_id: str, server_endpoint: str) -> Callable[[str, str], 
     return confirm
 
 
-def client_for(portal: Portal, *, max_wait: float = 2.0) -> PortalClient:
+def client_for(
+    portal: Portal,
+    *,
+    max_wait: float = 2.0,
+    bulk: bool = False,
+    timeout: tuple[float, float] | None = None,
+) -> PortalClient:
     confirm = confirm_moved(portal.member_id, portal.server_endpoint)
 
     def moved(new_endpoint: str, token: str) -> str:
@@ -116,6 +123,8 @@ def client_for(portal: Portal, *, max_wait: float = 2.0) -> PortalClient:
         on_call=record_call,
         on_moved=moved,
         max_wait=max_wait,
+        reserve=INTERACTIVE_RESERVE if bulk else 0,
+        timeout=timeout,
     )
 
 
@@ -132,6 +141,8 @@ def user_is_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) 
         burst=portal.rate_burst if portal else None,
         on_call=record_call,
         on_moved=confirm_moved(info.member_id, server_endpoint),
+        max_wait=1.0,
+        timeout=settings.B24_WEB_TIMEOUT,  # asked inside a web request
     )
     result = client.call("user.admin", token=access_token).result
     return result is True or str(result).lower() in {"true", "1", "y"}
@@ -303,7 +314,12 @@ def _reverify_endpoint(portal: Portal, access_token: str) -> None:
 
 
 def call_with_user(
-    user: PortalUser, action: Callable[[PortalClient, str], T], *, max_wait: float = 2.0
+    user: PortalUser,
+    action: Callable[[PortalClient, str], T],
+    *,
+    max_wait: float = 2.0,
+    bulk: bool = False,
+    timeout: tuple[float, float] | None = None,
 ) -> T:
     """Run `action(client, access_token)` with this user's token: refresh lazily (on a passed
     expiry or on expired_token), under the lock, and retry the action once."""
@@ -313,7 +329,7 @@ def call_with_user(
         raise ReinstallRequired(portal.state_reason or "the app is not installed")
     if user.state != PortalUser.State.ACTIVE or not user.has_tokens:
         raise ReopenRequired(user.state_reason or "no stored tokens")
-    client = client_for(portal, max_wait=max_wait)
+    client = client_for(portal, max_wait=max_wait, bulk=bulk, timeout=timeout)
     token, version = user.access_token, user.token_version
     if _expired(user):
         token, version = refresh_user_token(user.pk, version)
@@ -489,7 +505,7 @@ def _app_accepts(portal: Portal, user: PortalUser) -> bool | None:
     token = user.access_token
     for attempt in range(2):
         try:
-            oauth.app_info(portal.server_endpoint, token)
+            oauth.app_info(portal.server_endpoint, token, timeout=settings.B24_WEB_TIMEOUT)
             return True
         except TokenExpired:
             if attempt:

@@ -7,6 +7,7 @@ start-up with a message naming the variable, so a misconfigured deployment never
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import environ
@@ -151,11 +152,19 @@ B24_HTTP_TIMEOUT: tuple[float, float] = (
 # The portal's own limit on one request (60 s in the cloud): after a read timeout a toggle may
 # still land until then, so the same flow is not toggled again before it has passed.
 B24_PORTAL_REQUEST_SECONDS: float = env.float("B24_PORTAL_REQUEST_SECONDS", default=60.0)
+# A web request never waits on Bitrix24 longer than this (seconds to read an answer): the
+# verifications a frame POST or an event needs. Portal work that may be slow runs in Celery.
+B24_WEB_TIMEOUT: tuple[float, float] = (
+    min(2.0, B24_HTTP_TIMEOUT[0]),
+    env.float("B24_WEB_READ_TIMEOUT", default=5.0),
+)
 # How long a positive install/frame verification (an app.info answer) is trusted.
 B24_VERIFY_CACHE_SECONDS: int = env.int("B24_VERIFY_CACHE_SECONDS", default=300)
 # REST call metadata is kept at least 3 days (a Market rule); we keep 7 by default.
 B24_CALL_LOG_DAYS: int = env.int("B24_CALL_LOG_DAYS", default=7)
 
+# Settled pin intents (done or failed) are kept this many days; a pinned flow's row stays.
+FLOWPINS_INTENT_DAYS: int = env.int("FLOWPINS_INTENT_DAYS", default=30)
 # How long the signed token in a rendered page stays valid for that page's own requests.
 FLOWPINS_PAGE_TOKEN_SECONDS: int = env.int("FLOWPINS_PAGE_TOKEN_SECONDS", default=4 * 3600)
 # The BX24 JS library (fitWindow, installFinish). Empty: do not load it (tests, offline demos).
@@ -249,8 +258,31 @@ CACHES = {
     }
 }
 
-# Behind a TLS-terminating proxy (the production set-up) trust its scheme header.
-SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# --- https ---
+# The scheme header of the TLS-terminating proxy in front (e.g. X-Forwarded-Proto), and only when
+# one is there: whoever reaches the app directly could otherwise send the header and pass for https.
+# The proxy must set (overwrite) it on every request.
+SECURE_PROXY_SSL_HEADER_NAME: str = env.str("SECURE_PROXY_SSL_HEADER_NAME", default="")
+if SECURE_PROXY_SSL_HEADER_NAME:
+    if not re.fullmatch(r"[A-Za-z0-9-]+", SECURE_PROXY_SSL_HEADER_NAME):
+        raise ImproperlyConfigured(
+            "SECURE_PROXY_SSL_HEADER_NAME must be a header name such as X-Forwarded-Proto."
+        )
+    SECURE_PROXY_SSL_HEADER = (
+        "HTTP_" + SECURE_PROXY_SSL_HEADER_NAME.upper().replace("-", "_"),
+        "https",
+    )
+# Plain http is redirected to https, except the health probes: a container's probe asks
+# http://127.0.0.1:$PORT/healthz, where no TLS proxy stands. (Off in DEBUG: `make run` is http.)
+SECURE_SSL_REDIRECT: bool = env.bool("SECURE_SSL_REDIRECT", default=not DEBUG)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^ping$"]
+SECURE_HSTS_SECONDS: int = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 365 * 24 * 3600)
+# Off by default: both bind every name under the operator's domain (preload: for good, via the
+# browsers' built-in lists), which this one app cannot know is all https. `check --deploy` warns
+# about them (security.W005, security.W021); see SILENCED_SYSTEM_CHECKS.
+SECURE_HSTS_INCLUDE_SUBDOMAINS: bool = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD: bool = env.bool("SECURE_HSTS_PRELOAD", default=False)
+SILENCED_SYSTEM_CHECKS = ["security.W005", "security.W021"]
 SESSION_COOKIE_SECURE = not DEBUG
 CSRF_COOKIE_SECURE = not DEBUG
 DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024  # Bitrix24 POSTs are small; refuse anything huge.

@@ -12,9 +12,11 @@ import random
 from typing import Any
 
 from celery import bootsteps, shared_task
+from django.db import transaction
 
 from b24app import services
 from b24app.bitrix.errors import RateLimited, TransientError
+from b24app.bitrix.ratelimit import redis_client
 from b24app.celery import app
 from b24app.models import Portal
 
@@ -23,8 +25,31 @@ log = logging.getLogger(__name__)
 MAINTENANCE_SECONDS = 3600
 
 
+# Events that ask for a re-binding within this many seconds share one (a burst of updates, or
+# a replayed event, costs the portal one batch).
+REBIND_COALESCE_SECONDS = 5
+
+
+def _rebind_key(portal_id: int) -> str:
+    return f"fp:rebind:{portal_id}"
+
+
+def request_rebind(portal_id: int) -> bool:
+    """Bind the handlers again soon (after commit), unless a re-binding is already queued."""
+    if not redis_client().set(_rebind_key(portal_id), "1", nx=True, ex=6 * REBIND_COALESCE_SECONDS):
+        return False
+    transaction.on_commit(
+        lambda: bind_handlers.apply_async(
+            kwargs={"portal_id": portal_id}, countdown=REBIND_COALESCE_SECONDS
+        )
+    )
+    return True
+
+
 @shared_task(name="b24app.bind_handlers", bind=True, max_retries=8, acks_late=True)
 def bind_handlers(self, *, portal_id: int) -> str:  # type: ignore[no-untyped-def]
+    if not self.request.retries:
+        redis_client().delete(_rebind_key(portal_id))  # an event from now on queues another
     portal = Portal.objects.filter(pk=portal_id).first()
     if portal is None or not portal.is_active:
         return "skipped: portal gone or not active"

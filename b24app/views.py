@@ -18,6 +18,7 @@ from django.shortcuts import render
 from django.utils import translation
 from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 from redis.exceptions import RedisError
 
@@ -39,13 +40,18 @@ def refusal(exc: frame.Refused) -> HttpResponse:
 
 
 def framed(request: HttpRequest, response: HttpResponse, portal_origin: str | None) -> HttpResponse:
-    """Let the verified portal (and only it) frame this page; scripts only with our nonce."""
+    """Let the verified portal (and only it) frame this page; scripts only with our nonce.
+
+    default-src does not cover base-uri or form-action: an injected <base> would move the page's
+    relative script and API addresses, an injected <form> would post wherever it likes. Plugins
+    (object-src) have no use here at all, not even from our own origin."""
     ancestors = f"'self' {portal_origin}" if portal_origin else "'self'"
     nonce = getattr(request, "csp_nonce", "")
     response["Content-Security-Policy"] = (
         f"frame-ancestors {ancestors}; default-src 'self'; "
         f"script-src 'self' 'nonce-{nonce}' https://api.bitrix24.com; "
-        "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'"
+        "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+        "base-uri 'none'; form-action 'self'; object-src 'none'"
     )
     response["Referrer-Policy"] = "no-referrer"
     return response
@@ -66,6 +72,10 @@ def entry(
         @csrf_exempt
         @xframe_options_exempt
         @require_http_methods(["GET", "HEAD", "POST"])
+        # Every field of these POSTs comes from Bitrix24 and several are bearer secrets
+        # (AUTH_ID, REFRESH_ID, APPLICATION_TOKEN, auth[access_token], ...): an error report
+        # (the admins' e-mail, a 500 page) shows none of their values.
+        @sensitive_post_parameters()
         def wrapped(request: HttpRequest) -> HttpResponse:
             request.csp_nonce = secrets.token_urlsafe(16)  # type: ignore[attr-defined]
             if request.method != "POST":
@@ -168,7 +178,7 @@ def events(request: HttpRequest) -> HttpResponse:
             scope=auth.get("scope", ""),
         )
         _store_event_tokens(portal, info, auth, is_admin=event.admin)
-        tasks.bind_handlers.delay_on_commit(portal_id=portal.pk)
+        tasks.request_rebind(portal.pk)
     elif event.name == "ONAPPUPDATE":
         assert event.portal is not None
         portal = services.portal_update(
@@ -177,7 +187,7 @@ def events(request: HttpRequest) -> HttpResponse:
         )
         if info is not None:
             _store_event_tokens(portal, info, auth, is_admin=event.admin)
-        tasks.bind_handlers.delay_on_commit(portal_id=portal.pk)  # an update drops bindings
+        tasks.request_rebind(portal.pk)  # an update drops bindings
     else:
         assert event.portal is not None
         return _uninstall(event.portal, clean=event.data.get("CLEAN") in {"1", "Y"})

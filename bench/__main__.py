@@ -25,6 +25,15 @@ import requests
 from bench.stack import Stack
 
 QUICK = os.environ.get("BENCH_QUICK") == "1"
+# BENCH_ONLY=fairness,slow_portal runs only the sections whose function names contain one of
+# these words (for working on one figure); unset runs everything.
+ONLY = [w for w in os.environ.get("BENCH_ONLY", "").split(",") if w]
+
+
+def wanted(name: str) -> bool:
+    return not ONLY or any(word in name for word in ONLY)
+
+
 BATCH = 50
 
 
@@ -450,11 +459,16 @@ def bench_page(stack: Stack, report: Report, renders: int) -> None:
 
 
 def bench_intents(stack: Stack, report: Report, seconds: float) -> None:
-    name = stack.portal_names()[0]
-    tokens = prepare(stack, [name], 40, [1])
-    ids = generated_flow_ids(stack, name)
-    token = tokens[(name, 1)]
+    """100 clicks/s from 25 people (5 on each of 5 portals): each stays under the per-user
+    limit, as people do; the endpoint's cost is what is measured."""
+    names = stack.portal_names()[:5]
+    users = [1, 2, 3, 5, 6]
+    tokens = prepare(stack, names, 40, users)
+    people = [
+        (tokens[(name, user)], generated_flow_ids(stack, name)) for name in names for user in users
+    ]
     sessions = threading.local()
+    refused: list[int] = []
 
     def session() -> requests.Session:
         if not hasattr(sessions, "s"):
@@ -465,16 +479,21 @@ def bench_intents(stack: Stack, report: Report, seconds: float) -> None:
         return session().get(f"{stack.web_url}/ping", timeout=10).status_code
 
     def click(i: int) -> int:
-        return (
+        token, ids = people[i % len(people)]
+        turn = i // len(people)
+        status = (
             session()
             .post(
                 f"{stack.web_url}/flows/api/pin",
-                json={"flow_id": ids[i % len(ids)], "pinned": (i // len(ids)) % 2 == 0},
+                json={"flow_id": ids[turn % len(ids)], "pinned": (turn // len(ids)) % 2 == 0},
                 headers={"X-Flowpins-Token": token},
                 timeout=10,
             )
             .status_code
         )
+        if status != 202:
+            refused.append(status)
+        return status
 
     open_loop(bare, 50, 1)
     bare_lat = open_loop(bare, 100, seconds)
@@ -498,9 +517,183 @@ def bench_intents(stack: Stack, report: Report, seconds: float) -> None:
                 f"{pct(click_lat, 99) / pct(bare_lat, 99):.2f}",
             ],
         ],
-        "Target: p99 under 50 ms. Latency counted from the scheduled send time.",
+        f"Target: p99 under 50 ms. Latency counted from the scheduled send time. "
+        f"Clicks not answered 202: {len(refused)}.",
     )
     wait_all_settled(120)
+
+
+# --- one noisy user, and one slow portal -----------------------------------------------------
+
+
+def _click_to_settled(stack: Stack, token: str, user: int, fid: int, desired: bool) -> float:
+    from django.db import connection
+
+    from flows.models import PinIntent
+
+    t0 = time.monotonic()
+    if stack.pin(token, [fid], desired).status_code != 202:
+        raise RuntimeError("a click was refused")
+    while True:
+        intent = PinIntent.objects.filter(user_id=user, flow_id=fid).first()
+        connection.close()
+        if intent and intent.status != PinIntent.Status.PENDING:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > 120:
+            raise RuntimeError("a click did not settle")
+        time.sleep(0.01)
+
+
+def bench_fairness(stack: Stack, report: Report, flows: int, passes: int) -> None:
+    """User A pins all, unpins all, pins all … over `flows` flows at the real limit (2/s, burst
+    50), each pass after the last settled, so A keeps the bucket busy well past its burst;
+    meanwhile user B, on the same portal, clicks single flows. B must not wait behind A."""
+    name = stack.portal_names()[0]
+    tokens = prepare(stack, [name], flows + 10, [1, 2])
+    ids = generated_flow_ids(stack, name)
+    a_ids, b_ids = ids[:flows], ids[flows:]
+    set_limits(stack, [name], 2, 50)
+    before = stack.portal_state(name)["counters"]
+    noisy_done = threading.Event()
+    noisy_seconds: list[float] = []
+
+    def noisy() -> None:
+        t0 = time.monotonic()
+        for p in range(passes):
+            for start in range(0, len(a_ids), 500):
+                stack.pin(tokens[(name, 1)], a_ids[start : start + 500], p % 2 == 0)
+            wait_all_settled(900)
+        noisy_seconds.append(time.monotonic() - t0)
+        noisy_done.set()
+
+    thread = threading.Thread(target=noisy)
+    thread.start()
+    time.sleep(2)  # A's burst is being spent: the bucket is the limit from here on
+    latencies = []
+    i = 0
+    while not noisy_done.is_set():
+        latencies.append(
+            _click_to_settled(stack, tokens[(name, 2)], 2, b_ids[i % len(b_ids)], i % 2 == 0)
+        )
+        i += 1
+        time.sleep(1.5)
+    thread.join()
+    after = stack.portal_state(name)["counters"]
+    limit_503 = after["errors"].get("QUERY_LIMIT_EXCEEDED", 0) - before["errors"].get(
+        "QUERY_LIMIT_EXCEEDED", 0
+    )
+    report.add(
+        "Fair share: one user's Pin all / Unpin all passes vs a colleague's single clicks "
+        "(2/s, burst 50)",
+        [
+            "A's toggles",
+            "A's seconds",
+            "B's clicks during A's work",
+            "B click→pinned p50 ms",
+            "B p99 ms",
+            "target p99",
+            "REST requests",
+            "503s",
+        ],
+        [
+            [
+                str(passes * flows),
+                f"{noisy_seconds[0]:.1f}",
+                str(len(latencies)),
+                ms(pct(latencies, 50)),
+                ms(pct(latencies, 99)),
+                "≤ 3000",
+                str(after["requests"] - before["requests"]),
+                str(limit_503),
+            ]
+        ],
+        "Bulk rounds leave 5 slots of the bucket to interactive ones, so B's click never waits "
+        "for A's batches; a one-request-per-pin client would put B behind A's "
+        "passes × flows / 2 seconds of requests.",
+    )
+
+
+def bench_slow_portal(stack: Stack, report: Report, seconds: float) -> None:
+    """Twelve users of one portal open the app cold, once a second each; the page latency of
+    another portal is measured while that portal answers normally, then while it answers every
+    REST call in 10 s. A web request that waited on the portal would hold a server thread for
+    10 s per open and starve the other tenant; ours render at once either way."""
+    import redis
+
+    other, busy = stack.portal_names()[:2]
+    prepare(stack, [other, busy], 0, [])
+    _, other_launch = stack.open_app(other, 2)
+    other_url = other_launch["url"].replace(stack.env["B24_APP_BASE_URL"], stack.web_url)
+    busy_launches = [stack.sb(f"p/{busy}/launch", {"user_id": u}) for u in (1, 2, 3, 5, 6)]
+    broker = redis.Redis.from_url(stack.env["REDIS_URL"])
+
+    def other_page() -> int:
+        return requests.post(other_url, data=other_launch["form"], timeout=60).status_code
+
+    def measure(latency_ms: int | None) -> tuple[list[float], list[float]]:
+        if latency_ms is None:
+            return closed_loop(other_page, 100, 2)[1], []
+        stack.sb("config", {"portal": busy, "latency_ms": latency_ms})
+        stop = threading.Event()
+        opens: list[float] = []
+
+        def user(i: int) -> None:
+            launched = busy_launches[i % len(busy_launches)]
+            url = launched["url"].replace(stack.env["B24_APP_BASE_URL"], stack.web_url)
+            while not stop.is_set():
+                broker.delete(*(broker.scan_iter(match="fp:snap:*")), "fp:none")  # cold
+                t0 = time.monotonic()
+                requests.post(url, data=launched["form"], timeout=60)
+                opens.append(time.monotonic() - t0)
+                stop.wait(max(0.0, 1.0 - (time.monotonic() - t0)))
+
+        users = [threading.Thread(target=user, args=(i,)) for i in range(12)]
+        for t in users:
+            t.start()
+        time.sleep(1)
+        measured: list[float] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            measured.extend(closed_loop(other_page, 10, 2)[1])
+        stop.set()
+        for t in users:
+            t.join()
+        stack.sb("config", {"portal": busy, "latency_ms": 0})
+        return measured, opens
+
+    closed_loop(other_page, 20, 2)
+    quiet, _ = measure(None)
+    normal, normal_opens = measure(0)
+    slow, slow_opens = measure(10_000)
+
+    def row(label: str, lat: list[float], opens: list[float]) -> list[str]:
+        return [
+            label,
+            ms(pct(lat, 50)),
+            ms(pct(lat, 99)),
+            f"{pct(lat, 99) / pct(normal, 99):.2f}" if normal else "",
+            ms(pct(opens, 50)) if opens else "",
+            ms(pct(opens, 99)) if opens else "",
+        ]
+
+    report.add(
+        "A slow portal (every REST call 10 s): another portal's page latency",
+        [
+            "while the busy portal …",
+            "other page p50 ms",
+            "other page p99 ms",
+            "p99 vs normal",
+            "busy portal's cold opens p50 ms",
+            "p99 ms",
+        ],
+        [
+            row("is quiet", quiet, []),
+            row("answers normally (12 cold opens/s)", normal, normal_opens),
+            row("answers in 10 s (12 cold opens/s)", slow, slow_opens),
+        ],
+        "No web request waits on a portal: a cold page renders a loading state at once and a "
+        "worker fetches the list (one fetch per user in flight). Target: the last two rows alike.",
+    )
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -622,52 +815,66 @@ def main() -> int:
     try:
         stack.start()
         setup_django(stack)
-        bench_pins(
-            stack,
-            report,
-            title="Pins, scaled-down limit (10/s, burst 20): 200 pins on each of 5 portals",
-            rate=10,
-            burst=20,
-            per_user=[(1, 200)],
-            portals=5,
-        )
-        bench_pins(
-            stack,
-            report,
-            title="Pins at the real default limit (2/s, burst 50): "
-            "1,000 pins of one user, 5 portals",
-            rate=2,
-            burst=50,
-            per_user=[(1, 1000)],
-            portals=5,
-        )
-        bench_pins(
-            stack,
-            report,
-            title="Pins at the real default limit: 200 pins each of 5 "
-            "users, 30% pinned beforehand in Bitrix24, 5 portals",
-            rate=2,
-            burst=50,
-            per_user=[(1, 200), (2, 200), (3, 200), (5, 200), (6, 200)],
-            portals=5,
-            prepin_ratio=0.3,
-        )
-        bench_pins(
-            stack,
-            report,
-            title="Pins where the bucket is the limit (2/s, burst 50): "
-            "4,000 pins of one user, 5 portals",
-            rate=2,
-            burst=50,
-            per_user=[(1, 4000)],
-            portals=5,
-        )
-        bench_one_call_per_pin(stack, report, 60 if QUICK else 110)
-        bench_click_latency(stack, report, 10 if QUICK else 30)
-        bench_page(stack, report, 150 if QUICK else 400)
-        bench_intents(stack, report, 4 if QUICK else 10)
-        bench_events(stack, report, 50 if QUICK else 200)
-        bench_stampede(stack, report, 50)
+        if wanted("bench_pins"):
+            bench_pins(
+                stack,
+                report,
+                title="Pins, scaled-down limit (10/s, burst 20): 200 pins on each of 5 portals",
+                rate=10,
+                burst=20,
+                per_user=[(1, 200)],
+                portals=5,
+            )
+        if wanted("bench_pins"):
+            bench_pins(
+                stack,
+                report,
+                title="Pins at the real default limit (2/s, burst 50): "
+                "1,000 pins of one user, 5 portals",
+                rate=2,
+                burst=50,
+                per_user=[(1, 1000)],
+                portals=5,
+            )
+        if wanted("bench_pins"):
+            bench_pins(
+                stack,
+                report,
+                title="Pins at the real default limit: 200 pins each of 5 "
+                "users, 30% pinned beforehand in Bitrix24, 5 portals",
+                rate=2,
+                burst=50,
+                per_user=[(1, 200), (2, 200), (3, 200), (5, 200), (6, 200)],
+                portals=5,
+                prepin_ratio=0.3,
+            )
+        if wanted("bench_pins"):
+            bench_pins(
+                stack,
+                report,
+                title="Pins where the bucket is the limit (2/s, burst 50): "
+                "4,000 pins of one user, 5 portals",
+                rate=2,
+                burst=50,
+                per_user=[(1, 4000)],
+                portals=5,
+            )
+        if wanted("bench_one_call_per_pin"):
+            bench_one_call_per_pin(stack, report, 60 if QUICK else 110)
+        if wanted("bench_click_latency"):
+            bench_click_latency(stack, report, 10 if QUICK else 30)
+        if wanted("bench_page"):
+            bench_page(stack, report, 150 if QUICK else 400)
+        if wanted("bench_intents"):
+            bench_intents(stack, report, 4 if QUICK else 10)
+        if wanted("bench_fairness"):
+            bench_fairness(stack, report, 1000 if QUICK else 2000, 3)
+        if wanted("bench_slow_portal"):
+            bench_slow_portal(stack, report, 5 if QUICK else 10)
+        if wanted("bench_events"):
+            bench_events(stack, report, 50 if QUICK else 200)
+        if wanted("bench_stampede"):
+            bench_stampede(stack, report, 50)
         report.add(
             "Memory: peak RSS",
             ["process", "MB"],
@@ -680,8 +887,9 @@ def main() -> int:
         stack.stop()
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / "latest.md").write_text(report.markdown() + "\n")
-    print("\nwritten: bench/results/latest.md", flush=True)
+    written = out / ("partial.md" if ONLY else "latest.md")
+    written.write_text(report.markdown() + "\n")
+    print(f"\nwritten: bench/results/{written.name}", flush=True)
     return 0
 
 

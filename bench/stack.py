@@ -67,6 +67,7 @@ class Stack:
             B24_CLIENT_SECRET=CLIENT_SECRET,
             ALLOWED_HOSTS="*",
             B24_ALLOW_HTTP="1",
+            SECURE_SSL_REDIRECT="0",  # plain http on loopback: no TLS proxy in front
             B24_OAUTH_SERVERS=f"{self.sandbox_url}/",
             B24_APP_BASE_URL=self.web_url,
             B24_JS_SDK_URL="",
@@ -233,7 +234,21 @@ class Stack:
         match = re.search(r'data-token="([^"]+)"', response.text)
         if not match:
             raise RuntimeError("no page token in the page")
+        if 'data-loading="1"' in response.text:  # a first open: the list comes from a worker
+            self.wait_rows(match.group(1))
         return match.group(1), launched
+
+    def wait_rows(self, token: str, seconds: float = 120) -> None:
+        """Poll the page's rows endpoint, as its script does, until the list has landed."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            answer = requests.get(
+                f"{self.web_url}/flows/api/rows", headers={"X-Flowpins-Token": token}, timeout=30
+            )
+            if answer.status_code == 200 and not answer.json().get("loading"):
+                return
+            time.sleep(0.3)
+        raise RuntimeError("the flow list did not arrive in time")
 
     def pin(self, token: str, flow_ids: list[int], pinned: bool) -> requests.Response:
         return requests.post(

@@ -56,6 +56,7 @@ class PinIntent(models.Model):
         REOPEN = "reopen", "please reopen the app"
         REINSTALL = "reinstall", "the app must be reinstalled"
         GAVE_UP = "gave_up", "could not confirm the state"
+        INTERNAL = "internal", "the app failed repeatedly"
 
     portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="pin_intents")
     user_id = models.PositiveIntegerField()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from b24app.bitrix.client import BATCH_LIMIT, PortalClient
-from b24app.bitrix.errors import BadRequest, BitrixError
+from b24app.bitrix.errors import BadRequest, BitrixError, MalformedAnswer
 
 FLOW_LIST = "tasks.flow.Flow.list"  # undocumented; absent on older on-premise portals
 FLOW_GET = "tasks.flow.Flow.get"
@@ -106,7 +106,7 @@ def pin_toggle_many(
     """Toggle up to 50 flows in one batch (one request for the rate limit).
 
     Every answer is read by its command key, never by position. A flow missing from both the
-    results and the errors is reported as an error: its state is unknown.
+    results and the errors is reported as MalformedAnswer: its state is unknown.
     """
     if len(flow_ids) > BATCH_LIMIT:
         raise ValueError("at most 50 pins in one batch")
@@ -119,15 +119,27 @@ def pin_toggle_many(
         if key in result.errors:
             answers[fid] = result.errors[key]
         elif key in result.results:
-            answers[fid] = _as_bool(result.results[key])
+            try:
+                answers[fid] = _as_bool(result.results[key])
+            except MalformedAnswer as exc:
+                answers[fid] = exc
         else:
-            answers[fid] = BadRequest("NO_ANSWER", "the batch gave no answer for this flow")
+            # It may have run: its state is unknown, as with any unreadable answer.
+            answers[fid] = MalformedAnswer("NO_ANSWER", "the batch gave no answer for this flow")
     return answers
 
 
+_TRUE = {"true", "1", "y"}
+_FALSE = {"false", "0", "n", ""}
+
+
 def _as_bool(value: Any) -> bool:
+    """The pin state an answer carries. Anything else is not read as "unpinned": the toggle
+    happened, and its result is unknown (MalformedAnswer)."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        return value.lower() in {"true", "1", "y"}
-    return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise MalformedAnswer("MALFORMED_ANSWER", "the pin answer is not a state")

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from b24app import services as portal_services
 from b24app.bitrix.client import BATCH_LIMIT
@@ -28,6 +31,7 @@ from b24app.bitrix.errors import (
     AccessDenied,
     BadRequest,
     BitrixError,
+    MalformedAnswer,
     MethodNotFound,
     OperationTimeLimit,
     PortalGone,
@@ -50,6 +54,9 @@ PENDING_WINDOW = 4 * BATCH_LIMIT  # intents looked at per round
 # A run waits this long at most for the portal's bucket (one slot at the default 2/s); longer,
 # and it steps aside (RetryLater) so its worker serves other portals meanwhile.
 LIMITER_WAIT = 0.6
+# A round of at most this many toggles is interactive (a click or two) and may use the slots of
+# the portal's bucket that bulk rounds ("Pin all") leave free.
+INTERACTIVE_TOGGLES = 3
 
 
 # --- the flows a user sees --------------------------------------------------------------------
@@ -108,7 +115,30 @@ def _remember(portal: Portal, flows: Iterable[remote.FlowInfo], source: str) -> 
         )
 
 
-def flows_fetch(portal: Portal, user: PortalUser) -> Snapshot:
+def _snapshot_problem_key(portal: Portal, user_id: int) -> str:
+    return f"fp:snapfail:{portal.pk}:{user_id}"
+
+
+def snapshot_failed(portal: Portal, user_id: int, exc: BaseException) -> str:
+    """Remember why the last fetch of this user's list failed, for the page that waits on it."""
+    if isinstance(exc, portal_services.ReopenRequired):
+        problem = "reopen"
+    elif isinstance(exc, portal_services.ReinstallRequired):
+        problem = "reinstall"
+    elif isinstance(exc, TransientError):
+        problem = "busy"
+    else:
+        problem = "failed"
+    redis_client().set(_snapshot_problem_key(portal, user_id), problem, ex=SNAPSHOT_FRESH)
+    return problem
+
+
+def snapshot_problem(portal: Portal, user_id: int) -> str:
+    raw = redis_client().get(_snapshot_problem_key(portal, user_id))
+    return raw.decode() if isinstance(raw, bytes) else ""
+
+
+def flows_fetch(portal: Portal, user: PortalUser, *, bulk: bool = False) -> Snapshot:
     """Ask the portal which flows this user sees: one call per 50 flows.
 
     Flow.list where the portal has it; on older portals, the flow ids of the user's tasks plus
@@ -129,8 +159,9 @@ def flows_fetch(portal: Portal, user: PortalUser) -> Snapshot:
         _remember(portal, got.values(), Flow.Source.TASK)
         return Snapshot([_flow_dict(got[i]) for i in sorted(got)], time.time(), "tasks")
 
-    snap = portal_services.call_with_user(user, fetch, max_wait=3.0)
+    snap = portal_services.call_with_user(user, fetch, max_wait=3.0, bulk=bulk)
     _snapshot_put(portal, user.user_id, snap)
+    redis_client().delete(_snapshot_problem_key(portal, user.user_id))
     return snap
 
 
@@ -143,8 +174,14 @@ def _flow_dict(info: remote.FlowInfo) -> dict[str, Any]:
     }
 
 
-def flow_add_by_id(portal: Portal, user: PortalUser, flow_id: int) -> remote.FlowInfo:
-    """A user adds a flow by its id or link: read it as that user (proves they can see it)."""
+def flow_add_by_id(
+    portal: Portal, user: PortalUser, flow_id: int, *, deadline: bool = False
+) -> remote.FlowInfo:
+    """A user adds a flow by its id or link: read it as that user (proves they can see it).
+
+    `deadline`: asked from a web request, so wait for the portal no longer than
+    B24_WEB_TIMEOUT (a slower answer is a transient error; the caller hands the job to a worker).
+    """
 
     def get(client: Any, token: str) -> remote.FlowInfo:
         found, failed = remote.flow_get_many(client, token, [flow_id])
@@ -152,7 +189,12 @@ def flow_add_by_id(portal: Portal, user: PortalUser, flow_id: int) -> remote.Flo
             raise failed[flow_id]
         return found[flow_id]
 
-    info = portal_services.call_with_user(user, get, max_wait=3.0)
+    info = portal_services.call_with_user(
+        user,
+        get,
+        max_wait=1.0 if deadline else 3.0,
+        timeout=settings.B24_WEB_TIMEOUT if deadline else None,
+    )
     Flow.objects.update_or_create(
         portal=portal,
         flow_id=info.flow_id,
@@ -204,6 +246,51 @@ def pin_intent_set(
         return list(PinIntent.objects.filter(portal=portal, user_id=user_id, flow_id__in=flow_ids))
 
 
+# At most this many of one user's intents wait at a time: far above any real portal's flows,
+# but a bound on what one user (or a replayed request) can make the workers do.
+MAX_PENDING_PER_USER = 5000
+
+
+class TooMuchPending(Exception):
+    """The user already has MAX_PENDING_PER_USER pins waiting."""
+
+
+def unknown_flows(portal: Portal, flow_ids: list[int]) -> list[int]:
+    """The ids among `flow_ids` this portal was never seen to have (by a list or an add)."""
+    known = set(
+        Flow.objects.filter(portal=portal, flow_id__in=flow_ids).values_list("flow_id", flat=True)
+    )
+    return [fid for fid in flow_ids if fid not in known]
+
+
+def check_pending_room(portal: Portal, user_id: int, adding: int) -> None:
+    pending = PinIntent.objects.filter(
+        portal=portal, user_id=user_id, status=PinIntent.Status.PENDING
+    ).count()
+    if pending + adding > MAX_PENDING_PER_USER:
+        raise TooMuchPending(pending)
+
+
+def prune_settled_intents(*, days: int | None = None) -> int:
+    """Delete settled intents older than the retention. A pinned flow's row stays: it is what
+    the page knows of that pin; an unpinned or unknown one tells nothing a missing row does not."""
+    keep = days if days is not None else settings.FLOWPINS_INTENT_DAYS
+    cutoff = timezone.now() - timedelta(days=keep)
+    deleted, _ = (
+        PinIntent.objects.exclude(status=PinIntent.Status.PENDING)
+        .filter(updated_at__lt=cutoff)
+        .exclude(status=PinIntent.Status.DONE, observed=True)
+        .delete()
+    )
+    return deleted
+
+
+def fail_pending(portal_id: int, user_id: int, problem: str) -> int:
+    return PinIntent.objects.filter(
+        portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
+    ).update(status=PinIntent.Status.FAILED, problem=problem, updated_at=timezone.now())
+
+
 def cancel_portal_work(portal: Portal) -> int:
     return PinIntent.objects.filter(portal=portal, status=PinIntent.Status.PENDING).update(
         status=PinIntent.Status.FAILED, problem=PinIntent.Problem.REINSTALL
@@ -226,28 +313,94 @@ class RetryLater(Exception):
         self.rate_limited = rate_limited
 
 
+class LockLost(Exception):
+    """The run's lock lapsed or was taken over: it must not toggle or record anything more."""
+
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[3]) end
+return 1
+"""
+
+
 class _Lock:
     """A Redis lock per (portal, user): one converger at a time, so answers are never mixed.
+
+    A heartbeat renews it every third of its TTL for as long as the run holds it, however slow
+    the portal's answers (a round can outlast the TTL), and keeps the run's other keys (the
+    queued marker) alive with it. When a renewal finds the lock gone (taken over after Redis
+    lost it, say) or cannot reach Redis for most of a TTL, the run stops before its next write.
 
     Its value names the holder (the Celery node), so a node restarted after a crash frees what
     its killed predecessor held at once (`release_locks_of`) instead of waiting out the TTL.
     """
 
-    def __init__(self, portal_id: int, user_id: int, holder: str = "") -> None:
+    def __init__(
+        self,
+        portal_id: int,
+        user_id: int,
+        holder: str = "",
+        *,
+        ttl_ms: int | None = None,
+        keep_alive: tuple[tuple[str, int], ...] = (),
+    ) -> None:
         self.key = f"fp:conv:{portal_id}:{user_id}"
         self.token = f"{holder}|{uuid.uuid4().hex}"
+        self.ttl_ms = ttl_ms or LOCK_TTL_MS
+        self.keep_alive = keep_alive
+        self._stop = threading.Event()
+        self._lost = threading.Event()
+        self._valid_until = 0.0
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> _Lock:
-        if not redis_client().set(self.key, self.token, nx=True, px=LOCK_TTL_MS):
+        if not redis_client().set(self.key, self.token, nx=True, px=self.ttl_ms):
             raise Busy(self.key)
+        self._valid_until = time.monotonic() + self.ttl_ms / 1000
+        self._beat = threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True)
+        self._beat.start()
         return self
 
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.ttl_ms / 3000):
+            started = time.monotonic()
+            try:
+                held = redis_client().eval(
+                    _RENEW,
+                    1 + len(self.keep_alive),
+                    self.key,
+                    *(key for key, _ in self.keep_alive),
+                    self.token,
+                    self.ttl_ms,
+                    max([ttl for _, ttl in self.keep_alive], default=60),
+                )
+            except RedisError:
+                continue  # check() stops the run once the last renewal is too old
+            if not held:
+                self._lost.set()
+                return
+            self._valid_until = started + self.ttl_ms / 1000
+
+    def check(self) -> None:
+        """Raise LockLost unless the lock is surely still ours for a while (a fifth of its TTL)."""
+        margin = self.ttl_ms / 5000
+        if self._lost.is_set() or time.monotonic() > self._valid_until - margin:
+            raise LockLost(self.key)
+
     def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=2)
         script = (
             "if redis.call('GET', KEYS[1]) == ARGV[1] then "
             "return redis.call('DEL', KEYS[1]) else return 0 end"
         )
-        redis_client().eval(script, 1, self.key, self.token)
+        try:
+            redis_client().eval(script, 1, self.key, self.token)
+        except RedisError:
+            log.warning("could not release a convergence lock; it lapses with its TTL")
 
 
 def release_locks_of(holder: str) -> int:
@@ -267,7 +420,13 @@ def release_locks_of(holder: str) -> int:
     )
 
 
-def _record_answers(answers: dict[int, bool | None], pending: dict[int, PinIntent]) -> None:
+def _record_answers(
+    answers: dict[int, bool | None],
+    pending: dict[int, PinIntent],
+    *,
+    only_pending: bool = False,
+    count: bool = False,
+) -> None:
     """Write what the portal said. Only observation fields: a click in between keeps its intent.
 
     An answer counts toward MAX_TOGGLES; a lost one (None) does not — it is an outage, retried
@@ -279,10 +438,11 @@ def _record_answers(answers: dict[int, bool | None], pending: dict[int, PinInten
         by_answer.setdefault(observed, []).append(pending[fid].pk)
     with transaction.atomic():
         for observed, pks in by_answer.items():
-            counted = F("toggles") + 1 if observed is not None else F("toggles")
-            PinIntent.objects.filter(pk__in=pks).update(
-                observed=observed, observed_at=now, toggles=counted, updated_at=now
-            )
+            counted = F("toggles") + 1 if observed is not None or count else F("toggles")
+            rows = PinIntent.objects.filter(pk__in=pks)
+            if only_pending:
+                rows = rows.filter(status=PinIntent.Status.PENDING)
+            rows.update(observed=observed, observed_at=now, toggles=counted, updated_at=now)
 
 
 def _finish(intent_ids: list[int], status: str, problem: str, **still: Any) -> None:
@@ -301,7 +461,13 @@ def _mark_problem(intent_ids: list[int], problem: str) -> None:
 
 
 def converge_user(
-    portal_id: int, user_id: int, *, max_rounds: int = 40, holder: str = ""
+    portal_id: int,
+    user_id: int,
+    *,
+    max_rounds: int = 40,
+    holder: str = "",
+    keep_alive: tuple[tuple[str, int], ...] = (),
+    lock_ttl_ms: int | None = None,
 ) -> dict[str, int]:
     """Bring every pending pin of one user in line with their intents.
 
@@ -314,8 +480,9 @@ def converge_user(
     user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
     if portal is None or user is None:
         return stats
-    with _Lock(portal_id, user_id, holder):
+    with _Lock(portal_id, user_id, holder, ttl_ms=lock_ttl_ms, keep_alive=keep_alive) as lock:
         for _ in range(max_rounds):
+            lock.check()
             pending = list(
                 PinIntent.objects.filter(
                     portal_id=portal_id,
@@ -341,13 +508,17 @@ def converge_user(
                 continue  # a full window of settled intents: there may be more behind it
             chunk = dict(list(todo.items())[:BATCH_LIMIT])
             stats["rounds"] += 1
-            _toggle_round(portal, user, chunk, stats)
+            _toggle_round(portal, user, chunk, stats, lock)
     # A bounded run keeps one thread from holding one user for long; carry on at once.
     raise RetryLater(0.0, "more pins than one run converges", rate_limited=True)
 
 
 def _toggle_round(
-    portal: Portal, user: PortalUser, chunk: dict[int, PinIntent], stats: dict[str, int]
+    portal: Portal,
+    user: PortalUser,
+    chunk: dict[int, PinIntent],
+    stats: dict[str, int],
+    lock: _Lock,
 ) -> None:
     ids = list(chunk)
     pks = [i.pk for i in chunk.values()]
@@ -357,11 +528,17 @@ def _toggle_round(
             return remote.pin_toggle_many(client, token, ids)
         try:
             return {ids[0]: remote.pin_toggle(client, token, ids[0])}
-        except (AccessDenied, BadRequest, MethodNotFound) as exc:  # this flow's own answer
-            return {ids[0]: exc}
+        except (AccessDenied, BadRequest, MethodNotFound, MalformedAnswer) as exc:
+            return {ids[0]: exc}  # this flow's own answer
 
+    bulk = len(ids) > INTERACTIVE_TOGGLES  # leaves a few slots of the bucket to single clicks
     try:
-        answers = portal_services.call_with_user(user, toggle, max_wait=LIMITER_WAIT)
+        answers = portal_services.call_with_user(user, toggle, max_wait=LIMITER_WAIT, bulk=bulk)
+        lock.check()  # the lock held through the call: these answers are the latest
+    except LockLost:
+        # Another run may own these flows now: claim nothing, leave their state unknown.
+        _record_answers({fid: None for fid in ids}, chunk, only_pending=True)
+        raise
     except portal_services.ReopenRequired:
         _finish(
             _pending_pks(portal.pk, user.user_id), PinIntent.Status.FAILED, PinIntent.Problem.REOPEN
@@ -406,12 +583,17 @@ def _toggle_round(
         return
 
     observed: dict[int, bool | None] = {}
+    unreadable: dict[int, bool | None] = {}
     denied: list[int] = []
     transient_failure = False
     for fid, answer in answers.items():
         if isinstance(answer, bool):
             observed[fid] = answer
             stats["toggles"] += 1
+        elif isinstance(answer, MalformedAnswer):
+            # Toggled, but the answer says nothing: unknown, and it counts toward MAX_TOGGLES,
+            # so a portal that never answers readably ends in "could not confirm", not a loop.
+            unreadable[fid] = None
         elif isinstance(answer, AccessDenied):
             denied.append(chunk[fid].pk)
         elif isinstance(answer, TransientError):
@@ -421,10 +603,12 @@ def _toggle_round(
             log.warning("pin of flow %s failed permanently: %s", fid, answer.code)
     if observed:
         _record_answers(observed, chunk)
+    if unreadable:
+        _record_answers(unreadable, chunk, count=True)
     if denied:
         _finish(denied, PinIntent.Status.FAILED, PinIntent.Problem.DENIED)
         stats["failed"] += len(denied)
-    if transient_failure and not observed:
+    if transient_failure and not observed and not unreadable:
         raise RetryLater(2.0, "sub-commands failed")
 
 

@@ -18,10 +18,13 @@ from celery.signals import worker_ready
 from django.db import DatabaseError
 from redis.exceptions import RedisError
 
+from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.bitrix.ratelimit import redis_client
 from b24app.celery import app
 from b24app.models import Portal, PortalUser
+from b24app.services import ReinstallRequired, ReopenRequired
 from flows import services
+from flows.models import PinIntent
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +62,25 @@ def enqueue_converge(portal_id: int, user_id: int, *, delay: float = COALESCE_SE
             raise
 
 
-def _outage_backoff(portal_id: int, user_id: int, at_least: float) -> float:
-    """Jittered exponential backoff, counted per user (not per task), capped at a minute."""
+def _count_failure(portal_id: int, user_id: int) -> int:
+    """This user's failed runs in a row, this one included (reset by a run that succeeds)."""
     try:
         failures = int(redis_client().incr(_failures_key(portal_id, user_id)))
         redis_client().expire(_failures_key(portal_id, user_id), 3600)
     except RedisError:
         failures = 4
+    return failures
+
+
+def _backoff(failures: int, at_least: float = 0.0) -> float:
+    """Jittered exponential backoff in the number of failures, capped at a minute."""
     backoff = max(at_least, min(60.0, 0.5 * 2.0 ** min(failures - 1, 7)))
     return float(backoff + random.uniform(0, backoff / 2))
+
+
+def _outage_backoff(portal_id: int, user_id: int, at_least: float) -> float:
+    """Backoff counted per user (not per task): every click of that user shares it."""
+    return _backoff(_count_failure(portal_id, user_id), at_least)
 
 
 def _run_finished(portal_id: int, user_id: int) -> None:
@@ -80,9 +93,20 @@ def _run_finished(portal_id: int, user_id: int) -> None:
 
 @shared_task(name="flows.converge", bind=True, max_retries=None, acks_late=True)
 def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str:
-    redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL)  # still in flight
+    queued = _queued_key(portal_id, user_id)
+    redis_client().expire(queued, QUEUED_TTL)  # still in flight
     try:
-        result = services.converge_user(portal_id, user_id, holder=self.request.hostname or "")
+        result = services.converge_user(
+            portal_id,
+            user_id,
+            holder=self.request.hostname or "",
+            keep_alive=((queued, QUEUED_TTL),),  # the marker lives as long as the run
+        )
+    except services.LockLost:
+        # Our lock lapsed mid-run (Redis lost it, or the process stalled): whoever holds it now
+        # carries on; if nobody does, the marker's TTL and the sweep start a fresh run.
+        log.warning("convergence for a user of portal %s lost its lock; stopped", portal_id)
+        return "stopped: lock lost"
     except services.Busy:
         # A duplicate run (after a restart or a sweep) holds the lock; come back shortly.
         raise self.retry(countdown=random.uniform(0.2, 0.6)) from None
@@ -104,25 +128,78 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str
         redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL + int(countdown) + 1)
         raise self.retry(countdown=countdown) from None
     except Exception:
-        _run_finished(portal_id, user_id)  # let the next click or the sweep start afresh
-        raise
+        return _unexpected_failure(self, portal_id, user_id)
     redis_client().delete(_failures_key(portal_id, user_id))
     _run_finished(portal_id, user_id)
     return result
 
 
-@shared_task(name="flows.refresh_snapshot", acks_late=True, ignore_result=True)
-def refresh_snapshot(*, portal_id: int, user_id: int) -> str:
-    portal = Portal.objects.filter(pk=portal_id, state=Portal.State.ACTIVE).first()
-    user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
-    if portal is None or user is None:
-        return "skipped"
+# After this many unexpected failures in a row (a bug, an undecryptable token, an answer we
+# cannot read) a user's pending pins are marked failed instead of retried for ever.
+MAX_UNEXPECTED_FAILURES = 5
+
+
+def _unexpected_failure(task: Any, portal_id: int, user_id: int) -> str:
+    """Back off like an outage — never re-run at once — and give up after a few in a row."""
+    log.exception("convergence for a user of portal %s failed unexpectedly", portal_id)
+    failures = _count_failure(portal_id, user_id)
+    if failures < MAX_UNEXPECTED_FAILURES:
+        countdown = _backoff(failures, 1.0)
+        redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL + int(countdown) + 1)
+        raise task.retry(countdown=countdown) from None
+    failed = services.fail_pending(portal_id, user_id, PinIntent.Problem.INTERNAL)
+    redis_client().delete(_failures_key(portal_id, user_id))
+    _run_finished(portal_id, user_id)
+    return f"gave up after {failures} unexpected failures ({failed} pins marked failed)"
+
+
+REFRESH_TTL = 120  # seconds a snapshot refresh may be in flight before another may start
+REFRESH_SKIP_SECONDS = 5  # a refresh that finds a snapshot this young has nothing to add
+
+
+def _refreshing_key(portal_id: int, user_id: int) -> str:
+    return f"fp:refreshing:{portal_id}:{user_id}"
+
+
+def pending_refreshes() -> int:
+    """List refreshes queued or running now (for tests and operators)."""
+    return sum(1 for _ in redis_client().scan_iter(match="fp:refreshing:*", count=500))
+
+
+def request_snapshot_refresh(portal_id: int, user_id: int, *, interactive: bool = False) -> bool:
+    """Queue a refresh of the user's flow list unless one is already in flight (a dozen tabs
+    or a replayed frame POST cost the portal one list, not a dozen). True when queued."""
+    key = _refreshing_key(portal_id, user_id)
+    if not redis_client().set(key, "1", nx=True, ex=REFRESH_TTL):
+        return False
     try:
-        snap = services.flows_fetch(portal, user)
-    except Exception as exc:  # a background refresh: the page keeps the old snapshot
-        log.info("snapshot refresh for portal %s failed: %s", portal.member_id, type(exc).__name__)
-        return "failed"
-    return f"{len(snap.flows)} flows"
+        refresh_snapshot.delay(portal_id=portal_id, user_id=user_id, interactive=interactive)
+    except Exception:
+        redis_client().delete(key)
+        raise
+    return True
+
+
+@shared_task(name="flows.refresh_snapshot", acks_late=True, ignore_result=True)
+def refresh_snapshot(*, portal_id: int, user_id: int, interactive: bool = False) -> str:
+    """Why it is safe to run twice: it only reads the portal and overwrites the snapshot."""
+    try:
+        portal = Portal.objects.filter(pk=portal_id, state=Portal.State.ACTIVE).first()
+        user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
+        if portal is None or user is None:
+            return "skipped"
+        current = services.snapshot_get(portal, user_id)
+        if current is not None and current.age < REFRESH_SKIP_SECONDS:
+            return "skipped: another refresh just landed"
+        try:
+            snap = services.flows_fetch(portal, user, bulk=not interactive)
+        except Exception as exc:  # a background refresh: the page keeps what it has
+            problem = services.snapshot_failed(portal, user_id, exc)
+            log.info("snapshot refresh for portal %s failed: %s", portal.member_id, problem)
+            return "failed"
+        return f"{len(snap.flows)} flows"
+    finally:
+        redis_client().delete(_refreshing_key(portal_id, user_id))
 
 
 @worker_ready.connect
@@ -151,14 +228,57 @@ class ResumeOnConnect(bootsteps.StartStopStep):  # type: ignore[misc]
         # And every minute: a run whose worker died (its message comes back only after the
         # broker's visibility timeout) must not leave a user's pins waiting that long.
         self.sweeper = parent.timer.call_repeatedly(SWEEP_SECONDS, sweep_pending_work)
+        self.pruner = parent.timer.call_repeatedly(PRUNE_SECONDS, queue_prune)
 
     def stop(self, parent: Any) -> None:
-        sweeper = getattr(self, "sweeper", None)
-        if sweeper is not None:
-            sweeper.cancel()
+        for timer in (getattr(self, "sweeper", None), getattr(self, "pruner", None)):
+            if timer is not None:
+                timer.cancel()
 
 
 app.steps["consumer"].add(ResumeOnConnect)
+
+
+@shared_task(
+    name="flows.add_flow",
+    bind=True,
+    max_retries=5,
+    acks_late=True,
+    ignore_result=True,
+    autoretry_for=(TransientError,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+)
+def add_flow(self: Any, *, portal_id: int, user_id: int, flow_id: int) -> str:
+    """An add the web could not finish within its deadline. Safe to repeat: it reads the flow
+    and upserts it; transient failures retry with capped, jittered backoff."""
+    portal = Portal.objects.filter(pk=portal_id, state=Portal.State.ACTIVE).first()
+    user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
+    if portal is None or user is None:
+        return "skipped"
+    try:
+        info = services.flow_add_by_id(portal, user, flow_id)
+    except (BitrixError, ReopenRequired, ReinstallRequired) as exc:
+        if isinstance(exc, TransientError):
+            raise
+        return f"not added: {type(exc).__name__}"
+    return f"added {info.flow_id}"
+
+
+PRUNE_SECONDS = 3600
+
+
+@shared_task(name="flows.prune_intents", acks_late=True, ignore_result=True)
+def prune_intents() -> int:
+    """Settled intents past their retention go; safe on several workers at once (a DELETE)."""
+    return services.prune_settled_intents()
+
+
+def queue_prune() -> None:
+    try:
+        prune_intents.delay()
+    except Exception:
+        log.warning("could not queue the intent pruning", exc_info=True)
 
 
 def sweep_pending_work() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from typing import Any
 
@@ -23,7 +24,8 @@ from django.views.decorators.http import require_GET, require_POST
 from redis.exceptions import RedisError
 
 from b24app import services as portal_services
-from b24app.bitrix.errors import AccessDenied, BitrixError, TransientError
+from b24app.bitrix.errors import AccessDenied, TransientError
+from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
 from flows import services, tasks
 from flows.models import PinIntent
@@ -72,11 +74,48 @@ def page_auth(request: HttpRequest) -> tuple[Portal, PortalUser]:
     return user.portal, user
 
 
+# Per user and endpoint: requests a second and burst. Generous for a person (a click, a status
+# poll every second, a Pin all in chunks of 500), tight for a script spending the portal's
+# shared REST budget or the workers' time on everyone else's behalf.
+API_LIMITS: dict[str, tuple[float, int]] = {
+    "pin": (5.0, 30),
+    "status": (10.0, 30),
+    "rows": (5.0, 20),
+    "add_flow": (0.5, 5),
+}
+
+
+def _too_many(wait: float) -> HttpResponse:
+    seconds = max(1, math.ceil(wait))
+    response = JsonResponse(
+        {
+            "error": _("Too many requests from you; try again in %(seconds)d seconds.")
+            % {"seconds": seconds}
+        },
+        status=429,
+    )
+    response["Retry-After"] = str(seconds)
+    return response
+
+
+def _over_limit(key: str, rate: float, burst: int) -> float:
+    """Seconds this user must wait, or 0. Fails open: with Redis down a click is still saved
+    (and applied once the queue is back) rather than refused by its own guard."""
+    try:
+        return take(key, rate, burst)
+    except RedisError:
+        return 0.0
+
+
 def _api(view: Any) -> Any:
+    rate, burst = API_LIMITS[view.__name__]
+
     @csrf_exempt  # authenticated by the signed page token in a header, not by a cookie
     def wrapped(request: HttpRequest) -> HttpResponse:
         try:
             portal, user = page_auth(request)
+            if wait := _over_limit(f"api:{view.__name__}:{portal.pk}:{user.user_id}", rate, burst):
+                return _too_many(wait)
             response: HttpResponse = view(request, portal, user)
             return response
         except PageAuthError as exc:
@@ -102,6 +141,7 @@ def problem_text(problem: str) -> str:
         PinIntent.Problem.REOPEN: _("Please reopen the app: your Bitrix24 session has ended."),
         PinIntent.Problem.REINSTALL: _("The app must be reinstalled by an administrator."),
         PinIntent.Problem.GAVE_UP: _("Could not confirm the state with Bitrix24; try again."),
+        PinIntent.Problem.INTERNAL: _("Flow Pins could not apply this; try again later."),
     }
     return texts.get(problem, "")
 
@@ -147,26 +187,17 @@ def json_for_script(value: Any) -> str:
 
 
 def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpResponse:
-    """Render the user's flows: a recent snapshot at once (refreshed in the background), or one
-    call per 50 flows when there is none."""
-    problem = ""
+    """Render the user's flows at once from the latest snapshot; never wait on the portal here.
+
+    A stale snapshot is refreshed in the background; with none yet (the first open) the page
+    shows a loading state and fills in when the background fetch lands (`rows` endpoint).
+    """
     snap = services.snapshot_get(portal, user.user_id)
-    if snap is None:
+    loading = snap is None
+    if snap is None or snap.age > services.SNAPSHOT_FRESH:
         try:
-            snap = services.flows_fetch(portal, user)
-        except portal_services.ReopenRequired:
-            problem = "reopen"
-        except portal_services.ReinstallRequired:
-            problem = "reinstall"
-        except TransientError:
-            problem = "busy"
-        except BitrixError as exc:
-            log.warning("flow list failed for portal %s: %s", portal.member_id, exc.code)
-            problem = "failed"
-    elif snap.age > services.SNAPSHOT_FRESH:
-        try:
-            tasks.refresh_snapshot.delay(portal_id=portal.pk, user_id=user.user_id)
-        except Exception:  # the broker is down: the snapshot is still worth showing
+            tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=loading)
+        except Exception:  # the broker is down: what there is is still worth showing
             log.warning("could not queue a snapshot refresh")
     flows = snap.flows if snap else []
     intents = {i.flow_id: i for i in PinIntent.objects.filter(portal=portal, user_id=user.user_id)}
@@ -175,7 +206,8 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
         "portal": portal,
         "user": user,
         "rows_json": json_for_script(_rows(flows, intents)),
-        "problem": problem,
+        "loading": loading,
+        "problem": services.snapshot_problem(portal, user.user_id) if loading else "",
         "snapshot_age": int(snap.age) if snap else None,
         "page_token": page_token(portal, user, lang),
         "bx24_js": settings.B24_JS_SDK_URL,
@@ -190,6 +222,7 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
             "offline": _("The app cannot reach its server; try again."),
             "no_match": _("No flow matches your search."),
             "added": _("Flow added."),
+            "loading": _("Loading your flows from Bitrix24…"),
             "active": _("active"),
             "inactive": _("inactive"),
         },
@@ -223,7 +256,25 @@ def pin(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
         return JsonResponse({"error": _("Name the flows to pin.")}, status=400)
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids):
         return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
-    intents = services.pin_intent_set(portal, user.user_id, list(dict.fromkeys(raw_ids)), desired)
+    flow_ids = list(dict.fromkeys(raw_ids))
+    unknown = services.unknown_flows(portal, flow_ids)
+    if unknown:
+        return JsonResponse(
+            {
+                "error": _("These flows are not known on your portal: %(ids)s.")
+                % {"ids": ", ".join(str(i) for i in unknown[:10])},
+                "unknown": unknown[:100],
+            },
+            status=400,
+        )
+    try:
+        services.check_pending_room(portal, user.user_id, len(flow_ids))
+    except services.TooMuchPending:
+        return JsonResponse(
+            {"error": _("Too many of your pins are still waiting; try again when they are done.")},
+            status=429,
+        )
+    intents = services.pin_intent_set(portal, user.user_id, flow_ids, desired)
     if any(i.status == PinIntent.Status.PENDING for i in intents):
         try:
             tasks.enqueue_converge(portal.pk, user.user_id)
@@ -245,34 +296,69 @@ def pin(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
 @require_GET
 @_api
 def status(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
-    ids = [int(x) for x in request.GET.get("ids", "").split(",") if x.isdigit()][:1000]
+    ids = [int(x) for x in request.GET.get("ids", "").split(",")[:1000] if _ID.match(x)]
     qs = PinIntent.objects.filter(portal=portal, user_id=user.user_id)
     if ids:
         qs = qs.filter(flow_id__in=ids)
     return JsonResponse({"intents": [intent_json(i) for i in qs]})
 
 
-_FLOW_ID_IN_TEXT = re.compile(r"(\d{1,10})(?!.*\d)")
+_ID = re.compile(r"^[0-9]{1,10}$")  # ASCII only: "²".isdigit() is True, int("²") fails
+_FLOW_ID_IN_TEXT = re.compile(r"([0-9]{1,10})(?!.*[0-9])", re.DOTALL)
+
+
+@require_GET
+@_api
+def rows(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
+    """The user's rows from the latest snapshot, for a page that opened before there was one."""
+    snap = services.snapshot_get(portal, user.user_id)
+    if snap is None:
+        problem = services.snapshot_problem(portal, user.user_id)
+        if not problem:
+            tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
+        return JsonResponse({"loading": True, "problem": problem})
+    intents = {i.flow_id: i for i in PinIntent.objects.filter(portal=portal, user_id=user.user_id)}
+    return JsonResponse(
+        {"loading": False, "version": snap.fetched_at, "rows": _rows(snap.flows, intents)}
+    )
 
 
 @require_POST
 @_api
 def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
-    """Add a flow by its id or a link to it (the last number in the text)."""
+    """Add a flow by its id or a link to it (the last number in the text).
+
+    Asked of the portal within the web deadline; if it is slower, the answer is "still
+    checking" and a worker finishes the job (the flow then appears with the page's rows).
+    """
     text = str(_json_body(request).get("flow", ""))[:500]
     match = _FLOW_ID_IN_TEXT.search(text)
     if not match or int(match.group(1)) <= 0:
         return JsonResponse({"error": _("Paste a flow id or a link to the flow.")}, status=400)
+    flow_id = int(match.group(1))
     try:
-        info = services.flow_add_by_id(portal, user, int(match.group(1)))
+        info = services.flow_add_by_id(portal, user, flow_id, deadline=True)
     except AccessDenied:
         return JsonResponse(
             {"error": _("You cannot see this flow, or it does not exist.")}, status=404
         )
     except (portal_services.ReopenRequired, portal_services.ReinstallRequired):
         return JsonResponse({"error": problem_text(PinIntent.Problem.REOPEN)}, status=409)
-    except TransientError:
-        return JsonResponse({"error": problem_text(PinIntent.Problem.UNAVAILABLE)}, status=503)
+    except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
+        try:
+            tasks.add_flow.delay(portal_id=portal.pk, user_id=user.user_id, flow_id=flow_id)
+        except Exception:
+            return JsonResponse({"error": problem_text(PinIntent.Problem.UNAVAILABLE)}, status=503)
+        return JsonResponse(
+            {
+                "pending": True,
+                "message": _(
+                    "Bitrix24 is slow to answer; still checking. "
+                    "The flow will appear when it answers."
+                ),
+            },
+            status=202,
+        )
     return JsonResponse(
         {
             "flow": {

@@ -593,6 +593,8 @@ def flow_pin(ctx: CallContext, params: dict[str, Any]) -> Any:
     ctx.state.record_pin(
         ctx.portal, ctx.user.id, flow.id, new_value, "rest-dropped" if dropped else "rest"
     )
+    if ctx.knobs.malformed_answers:  # applied, but the answer cannot be read as a state
+        return "maybe"
     return new_value
 
 

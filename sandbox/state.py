@@ -71,6 +71,7 @@ class Knobs:
     pin_error_status: int = 400
     scope: str = DEFAULT_SCOPE
     handler_url_check: bool = True
+    malformed_answers: bool = False
     seed: int = 0
 
 

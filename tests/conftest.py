@@ -21,6 +21,7 @@ import redis as redis_lib
 from django.conf import settings
 
 from b24app.procs import worker_command
+from tests.helpers import WORKER, settle_background_work
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SERVICES = os.environ.get("FLOWPINS_REQUIRE_SERVICES") == "1"
@@ -88,14 +89,19 @@ def sandbox_server() -> Iterator[Any]:
 
 
 @pytest.fixture
-def sandbox(sandbox_server: Any, settings: Any) -> Any:
-    """A freshly reset sandbox, allow-listed as the OAuth server for this test."""
+def sandbox(sandbox_server: Any, settings: Any) -> Iterator[Any]:
+    """A freshly reset sandbox, allow-listed as the OAuth server for this test.
+
+    Torn down before the test's database is flushed: a list refresh the test queued is left to
+    finish first, so the worker does not write into (or deadlock with) the flush.
+    """
     import requests
 
     requests.post(f"{sandbox_server.url}/_sandbox/reset", timeout=5).raise_for_status()
     settings.B24_OAUTH_SERVERS = [f"{sandbox_server.url}/"]
     settings.B24_ALLOW_HTTP = True
-    return sandbox_server
+    yield sandbox_server
+    settle_background_work()
 
 
 # --- a real Celery worker ---------------------------------------------------------------------
@@ -147,8 +153,10 @@ def celery_worker_process(
     proc.log_path = log  # type: ignore[attr-defined]
     try:
         _wait_for_worker(proc, log)
+        WORKER["running"] = True  # from now on a worker, not the test, runs queued jobs
         yield proc
     finally:
+        WORKER["running"] = False
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

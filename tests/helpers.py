@@ -60,10 +60,43 @@ def page_token(response: Any) -> str:
 def open_page(
     client: Client, sandbox: Any, user_id: int, portal: str = "alpha", lang: str = "en"
 ) -> Any:
-    """Open the app as this user, as the portal's frame does; the page must render."""
-    response = post_frame(client, launch(sandbox, portal, user_id, lang=lang))
+    """Open the app as this user, as the portal's frame does; the page must render.
+
+    A first open renders at once with a loading state while a worker fetches the list; here
+    that job runs in-process (tests with a real worker see it done by the worker), and the app
+    is opened again, as a person who reloads would.
+    """
+    launched = launch(sandbox, portal, user_id, lang=lang)
+    response = post_frame(client, launched)
     assert response.status_code == 200, response.content[:400]
+    if 'data-loading="1"' in response.content.decode():
+        wait_for_flow_list(launched["form"]["member_id"], user_id)
+        response = post_frame(client, launch(sandbox, portal, user_id, lang=lang))
+        assert response.status_code == 200, response.content[:400]
     return response
+
+
+# Set by the session's Celery worker fixture once a real worker consumes the queue.
+WORKER: dict[str, bool] = {"running": False}
+
+
+def wait_for_flow_list(member_id: str, user_id: int, seconds: float = 30) -> None:
+    """The list a first open queued: fetched by the real worker when one runs (and waited
+    for), else by running the same job here — never both, so REST counts stay exact."""
+    import time
+
+    from b24app.models import Portal
+    from flows.services import snapshot_get
+    from flows.tasks import refresh_snapshot
+
+    stored = Portal.objects.get(member_id=member_id)
+    if not WORKER["running"]:
+        refresh_snapshot(portal_id=stored.pk, user_id=user_id, interactive=True)
+        return
+    deadline = time.monotonic() + seconds
+    while snapshot_get(stored, user_id) is None:
+        assert time.monotonic() < deadline, "the worker did not fetch the flow list"
+        time.sleep(0.05)
 
 
 def open_app(
@@ -81,3 +114,18 @@ def visible_to(sandbox: Any, user_id: int, portal: str = "alpha") -> list[int]:
 def portal_pins(sandbox: Any, user_id: int, portal: str = "alpha") -> set[int]:
     """What Bitrix24 itself records as pinned for this user."""
     return set(state(sandbox, portal)["pins"].get(str(user_id), []))
+
+
+def settle_background_work(seconds: float = 30) -> None:
+    """With a real worker running, wait until no list refresh is in flight, so that what a
+    test compares is not changed under it by a job an earlier step queued."""
+    import time
+
+    from flows.tasks import pending_refreshes
+
+    if not WORKER["running"]:
+        return  # nothing consumes the queue: nothing can change under the test
+    deadline = time.monotonic() + seconds
+    while pending_refreshes():
+        assert time.monotonic() < deadline, "background refreshes did not settle"
+        time.sleep(0.05)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -118,6 +119,8 @@ class PortalClient:
         on_call: Callable[[CallRecord], None] | None = None,
         on_moved: Callable[[str, str], str] | None = None,
         max_wait: float = 2.0,
+        reserve: int = 0,
+        timeout: tuple[float, float] | None = None,
     ) -> None:
         self.member_id = member_id
         self.endpoint = endpoint if endpoint.endswith("/") else endpoint + "/"
@@ -125,6 +128,8 @@ class PortalClient:
         self.on_call = on_call
         self.on_moved = on_moved
         self.max_wait = max_wait
+        self.reserve = reserve  # burst slots left to interactive calls (see the limiter)
+        self.timeout = timeout or settings.B24_HTTP_TIMEOUT
 
     # -- public ------------------------------------------------------------------------------
     def call(
@@ -183,8 +188,8 @@ class PortalClient:
         return BatchResult(
             results=results,
             errors=errors,
-            totals={k: int(v) for k, v in _as_dict(outer.get("result_total")).items()},
-            nexts={k: int(v) for k, v in _as_dict(outer.get("result_next")).items()},
+            totals=_ints(outer.get("result_total")),
+            nexts=_ints(outer.get("result_next")),
         )
 
     def paginate(
@@ -225,7 +230,7 @@ class PortalClient:
     ) -> tuple[int, dict[str, Any]]:
         if pause_key:
             MethodPause(self.member_id, pause_key).check()
-        self.limiter.acquire(self.max_wait)
+        self.limiter.acquire(self.max_wait, reserve=self.reserve)
         payload = {**params, "auth": token}
         moved = False
         while True:
@@ -239,10 +244,12 @@ class PortalClient:
                     data=json.dumps(payload),
                     allow_redirects=False,
                     headers={"Content-Type": "application/json", "Accept": "application/json"},
-                    timeout=settings.B24_HTTP_TIMEOUT,
+                    timeout=self.timeout,
+                    stream=True,  # read under the size cap, not whole into memory
                 )
                 status = response.status_code
                 if status in (301, 302, 303, 307, 308) and not moved:
+                    response.close()
                     error = "MOVED"
                     self._record(method, status, error, started, commands)
                     moved = True
@@ -257,6 +264,9 @@ class PortalClient:
                 if "error" in body:
                     error = str(body.get("error"))
                 return status, body
+            except ResponseLost as exc:  # an answer over the size cap
+                error = exc.code
+                raise
             except requests.exceptions.ConnectTimeout as exc:
                 error = "CONNECT_TIMEOUT"
                 raise Unavailable(error, "could not connect to the portal") from exc
@@ -316,10 +326,38 @@ class PortalClient:
             log.warning("could not record REST call metadata", exc_info=True)
 
 
+# An answer larger than this is refused, not buffered: a hostile or broken portal must not be
+# able to fill a worker's memory. Real answers (50 flows, a batch of 50 toggles) are kilobytes.
+MAX_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+def read_capped(response: requests.Response, limit: int = MAX_ANSWER_BYTES) -> bytes:
+    """The body of a streamed response, up to `limit` bytes; more is ResponseLost (the request
+    may have been applied, but its answer cannot be read)."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        response.close()
+        raise ResponseLost("RESPONSE_TOO_LARGE", f"the answer is over {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_content(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                response.close()
+                raise ResponseLost("RESPONSE_TOO_LARGE", f"the answer is over {limit} bytes")
+            chunks.append(chunk)
+    except requests.exceptions.ConnectionError as exc:
+        if "timed out" in repr(exc):  # a stalled body after the headers: a read timeout
+            raise requests.exceptions.ReadTimeout(str(exc)) from exc
+        raise
+    return b"".join(chunks)
+
+
 def _json_body(response: requests.Response) -> dict[str, Any] | None:
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(read_capped(response))
+    except (ValueError, RecursionError):
         return None
     return body if isinstance(body, dict) else {"result": body}
 
@@ -343,11 +381,27 @@ def _as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def _ints(value: Any) -> dict[str, int]:
+    """A batch's totals or nexts by key; a value that is no whole number is left out."""
+    out: dict[str, int] = {}
+    for key, raw in _as_dict(value).items():
+        number = _int_or_none(raw)
+        if number is not None:
+            out[key] = number
+    return out
+
+
+_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")
+
+
 def _int_or_none(value: Any) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except (TypeError, ValueError):
+    if isinstance(value, bool):
         return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value):  # not "--5": int() refuses it
+        return int(value)
+    return None
 
 
 def _reset_at(time_block: Any) -> float:

@@ -64,6 +64,11 @@ class ResponseLost(Unavailable):
     """
 
 
+class MalformedAnswer(ResponseLost):
+    """An answer that came back but cannot be read (a state that is no boolean, a total that is
+    no number): whatever the request did is unknown, as with a lost answer."""
+
+
 # --- tokens -----------------------------------------------------------------------------------
 class TokenExpired(BitrixError):
     """expired_token: refresh (under the lock) and retry once."""

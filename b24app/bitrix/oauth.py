@@ -8,7 +8,9 @@ send our client secret or a refresh token anywhere else. Tokens go in POST bodie
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from django.conf import settings
 from oauthlib.oauth2 import OAuth2Error
 from requests_oauthlib import OAuth2Session
 
-from b24app.bitrix.client import http_session
+from b24app.bitrix.client import http_session, read_capped
 from b24app.bitrix.errors import (
     BadRequest,
     BitrixError,
@@ -120,21 +122,25 @@ class AppInfo:
     installed: bool
 
 
-def app_info(server_endpoint: str, access_token: str) -> AppInfo:
+def app_info(
+    server_endpoint: str, access_token: str, *, timeout: tuple[float, float] | None = None
+) -> AppInfo:
     base = trusted_server_base(server_endpoint)
     try:
         response = http_session().post(
             base + "rest/app.info",
             data={"auth": access_token},
             headers={"Accept": "application/json"},
-            timeout=settings.B24_HTTP_TIMEOUT,
+            timeout=timeout or settings.B24_HTTP_TIMEOUT,
             allow_redirects=False,
+            stream=True,
         )
+        raw = read_capped(response, 1024 * 1024)  # an app.info answer is a few hundred bytes
     except requests.exceptions.RequestException as exc:
         raise Unavailable("OAUTH_UNREACHABLE", "the OAuth server did not answer") from exc
     try:
-        body = response.json()
-    except ValueError:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
         body = None
     if not isinstance(body, dict):
         raise (Unavailable if response.status_code >= 500 else BadRequest)(
@@ -156,11 +162,21 @@ def app_info(server_endpoint: str, access_token: str) -> AppInfo:
         member_id=str(install.get("member_id") or ""),
         domain=str(install.get("domain") or ""),
         client_endpoint=str(install.get("client_endpoint") or ""),
-        user_id=int(str(user_id)) if str(user_id or "").isdigit() else None,
+        user_id=_user_id(user_id),
         status=str(install.get("status") or result.get("status") or ""),
         scope=str(install.get("scope") or result.get("scope") or ""),
         installed=bool(install.get("installed", True)),
     )
+
+
+_USER_ID = re.compile(r"[0-9]{1,10}")
+
+
+def _user_id(value: Any) -> int | None:
+    """A user id from an OAuth answer, or None. ASCII digits only: "²".isdigit() is True, and
+    int("²") raises, which would turn an odd answer into a 500 instead of a refusal."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    return int(text) if _USER_ID.fullmatch(text) else None
 
 
 @dataclass(frozen=True)
@@ -230,7 +246,7 @@ def refresh(server_endpoint: str, refresh_token: str) -> TokenSet:
         refresh_token=str(token["refresh_token"]),
         expires_at=expires_at,
         member_id=str(token.get("member_id") or ""),
-        user_id=int(str(user_id)) if str(user_id or "").isdigit() else None,
+        user_id=_user_id(user_id),
         client_endpoint=str(token.get("client_endpoint") or ""),
         server_endpoint=str(token.get("server_endpoint") or ""),
         domain=str(token.get("domain") or ""),

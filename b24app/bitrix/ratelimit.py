@@ -78,6 +78,9 @@ def _script(name: str, source: str) -> Any:
 # reserved, and at the boundary the portal answers 503.
 RATE_MARGIN = 0.98
 BURST_MARGIN = 1
+# Slots of each portal's burst that bulk work leaves to interactive calls (single clicks, a
+# page's first list). Small against the burst (50, or 250 on Enterprise).
+INTERACTIVE_RESERVE = 5
 
 
 class PortalRateLimiter:
@@ -90,11 +93,17 @@ class PortalRateLimiter:
         self.burst = full - BURST_MARGIN if full > 2 * BURST_MARGIN else full
         self.key = f"fp:rl:{member_id}"
 
-    def acquire(self, max_wait: float = 2.0) -> float:
-        """Reserve one request; sleep up to `max_wait` for it. Returns the seconds slept."""
+    def acquire(self, max_wait: float = 2.0, *, reserve: int = 0) -> float:
+        """Reserve one request; sleep up to `max_wait` for it. Returns the seconds slept.
+
+        `reserve`: slots of the burst this caller leaves free. Bulk work (a "Pin all" of
+        thousands) passes INTERACTIVE_RESERVE, so however long it keeps the bucket busy, a
+        colleague's single click still finds a slot at once instead of queueing behind it.
+        """
         interval = 1.0 / self.rate
+        burst = max(1, self.burst - reserve) if reserve else self.burst
         allowed, wait_s = _script("gcra", _GCRA)(
-            keys=[self.key], args=[f"{time.time():.6f}", interval, self.burst, max_wait]
+            keys=[self.key], args=[f"{time.time():.6f}", interval, burst, max_wait]
         )
         wait = float(wait_s)
         if not allowed:
@@ -130,3 +139,12 @@ class MethodPause:
     def pause_until(self, reset_at: float) -> None:
         ttl = max(1, int(reset_at - time.time()) + 1)
         redis_client().set(self.key, f"{reset_at:.3f}", ex=ttl)
+
+
+def take(key: str, rate: float, burst: int) -> float:
+    """Take one token from the bucket `key` if it has one: 0.0, else the seconds until it will
+    (nothing is taken then). The same GCRA as the portals' buckets, with no waiting."""
+    allowed, wait_s = _script("gcra", _GCRA)(
+        keys=[f"fp:bucket:{key}"], args=[f"{time.time():.6f}", 1.0 / rate, burst, 0]
+    )
+    return 0.0 if allowed else max(0.001, float(wait_s))

@@ -12,6 +12,7 @@ import pytest
 
 from b24app.models import Portal, PortalUser
 from flows.models import Flow, PinIntent
+from tests.helpers import settle_background_work
 
 
 class Recorder:
@@ -58,6 +59,7 @@ def attacker() -> Iterator[Recorder]:
 
 def stored_state() -> Any:
     """Everything of ours a request from Bitrix24 (or someone posing as it) can change."""
+    settle_background_work()
     return (
         sorted(
             Portal.objects.values_list(

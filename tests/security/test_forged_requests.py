@@ -13,7 +13,7 @@ import pytest
 from django.test import Client
 
 from b24app.models import Portal
-from tests.helpers import install, launch, post_frame, sb, state
+from tests.helpers import install, launch, open_page, post_frame, sb, state
 from tests.security.conftest import Recorder, stored_state
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -218,7 +218,7 @@ def test_a_forged_request_is_refused_and_changes_nothing(
 ) -> None:
     client = Client()
     install(client, sandbox)
-    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200
+    open_page(client, sandbox, 2)
     before, calls = stored_state(), _portal_calls(sandbox)
 
     response = attack(Attack(sandbox, settings, attacker, client))

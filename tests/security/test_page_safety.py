@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from tests.helpers import install, launch, post_frame, sb, state
+from tests.helpers import install, launch, open_page, post_frame, sb, state
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -75,8 +75,7 @@ def test_flow_names_with_markup_render_as_text_and_only_our_scripts_run(sandbox:
     install(client, sandbox)
     for name in NASTY:
         sb(sandbox, "p/alpha/flows", {"count": 1, "visible_to_all": True, "name_prefix": name})
-    response = post_frame(client, launch(sandbox, "alpha", 2, lang="en"))
-    assert response.status_code == 200
+    response = open_page(client, sandbox, 2)
     page = Page()
     page.feed(response.content.decode())
 
@@ -108,6 +107,10 @@ def test_every_page_carries_a_strict_csp_and_nosniff(sandbox: Any) -> None:
         assert "'unsafe-eval'" not in directives["script-src"]
         assert re.search(r"'nonce-[\w-]{16,}'", directives["script-src"])
         assert directives["frame-ancestors"] == f"'self' {origin}"  # the portal, nobody else
+        # An injected <base>, <form> or plugin cannot move scripts, posts or code elsewhere.
+        assert directives["base-uri"] == "'none'"
+        assert directives["form-action"] == "'self'"
+        assert directives["object-src"] == "'none'"
         assert response["X-Content-Type-Options"] == "nosniff"
     # A fresh nonce for every page: one leaked nonce does not open the next page.
     again = post_frame(client, launch(sandbox, "alpha", 2, lang="en"))
