@@ -195,7 +195,7 @@ def test_pending_pins_per_user_are_capped(
     sandbox: Any, opened: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(services, "MAX_PENDING_PER_USER", 3)
-    flows = visible_to(sandbox, USER)[:4]
+    flows = visible_to(sandbox, USER)[:5]
     first = api(
         opened["client"],
         opened["token"],
@@ -209,7 +209,7 @@ def test_pending_pins_per_user_are_capped(
         opened["token"],
         "POST",
         "/flows/api/pin",
-        {"flow_ids": flows[3:], "pinned": True},
+        {"flow_ids": flows[3:], "pinned": True},  # a bulk request past the cap
     )
     assert more.status_code == 429
     assert "still waiting" in more.json()["error"]
