@@ -755,7 +755,9 @@ def bench_stampede(stack: Stack, report: Report, tasks: int) -> None:
         before = stack.portal_state(name)["counters"]
         for _ in range(tasks):
             celery_app.send_task(
-                "flows.refresh_snapshot", kwargs={"portal_id": pk, "user_id": 1}, queue="stampede"
+                "flows.refresh_snapshot",
+                kwargs={"portal_id": pk, "user_id": 1, "force": True},
+                queue="stampede",
             )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -181,15 +181,18 @@ def request_snapshot_refresh(portal_id: int, user_id: int, *, interactive: bool 
 
 
 @shared_task(name="flows.refresh_snapshot", acks_late=True, ignore_result=True)
-def refresh_snapshot(*, portal_id: int, user_id: int, interactive: bool = False) -> str:
-    """Why it is safe to run twice: it only reads the portal and overwrites the snapshot."""
+def refresh_snapshot(
+    *, portal_id: int, user_id: int, interactive: bool = False, force: bool = False
+) -> str:
+    """Why it is safe to run twice: it only reads the portal and overwrites the snapshot.
+    `force`: fetch even when a refresh just landed (an operator's or a benchmark's ask)."""
     try:
         portal = Portal.objects.filter(pk=portal_id, state=Portal.State.ACTIVE).first()
         user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
         if portal is None or user is None:
             return "skipped"
         current = services.snapshot_get(portal, user_id)
-        if current is not None and current.age < REFRESH_SKIP_SECONDS:
+        if current is not None and current.age < REFRESH_SKIP_SECONDS and not force:
             return "skipped: another refresh just landed"
         try:
             snap = services.flows_fetch(portal, user, bulk=not interactive)
