@@ -485,18 +485,19 @@ UNINSTALL_WITNESSES = 3
 
 
 def _uninstall_witnesses(portal: Portal) -> list[PortalUser]:
-    users = PortalUser.objects.filter(portal=portal, state=PortalUser.State.ACTIVE).exclude(
-        refresh_token=""
+    """The installer, then admins, then the most recently seen users — three at most, chosen
+    in the database (a portal may have thousands of users, and anyone can send the event)."""
+    installer_first = models.Case(
+        models.When(user_id=portal.installer_user_id, then=0),
+        default=1,
+        output_field=models.IntegerField(),
     )
-    ranked = sorted(
-        users,
-        key=lambda u: (
-            u.user_id != portal.installer_user_id,
-            not u.is_admin,
-            -u.last_seen_at.timestamp(),
-        ),
+    users = (
+        PortalUser.objects.filter(portal=portal, state=PortalUser.State.ACTIVE)
+        .exclude(refresh_token="")
+        .order_by(installer_first, "-is_admin", "-last_seen_at")
     )
-    return ranked[:UNINSTALL_WITNESSES]
+    return list(users[:UNINSTALL_WITNESSES])
 
 
 def _app_accepts(portal: Portal, user: PortalUser) -> bool | None:
