@@ -54,15 +54,17 @@ def _is_public_host(host: str) -> bool:
     cached = _RESOLVED.get(host)
     if cached is not None and cached[0] > now:
         return cached[1]
+    ttl = _RESOLVE_TTL
     try:
         infos = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
         addresses = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
     except (OSError, ValueError, UnicodeError):
         addresses = set()
+        ttl = 5.0  # a resolver hiccup: refuse now, ask again soon
     public = bool(addresses) and all(a.is_global and not a.is_multicast for a in addresses)
     if len(_RESOLVED) > 10_000:
         _RESOLVED.clear()
-    _RESOLVED[host] = (now + _RESOLVE_TTL, public)
+    _RESOLVED[host] = (now + ttl, public)
     return public
 
 
