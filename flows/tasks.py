@@ -39,9 +39,10 @@ def _queued_key(portal_id: int, user_id: int) -> str:
     return f"fp:queued:{portal_id}:{user_id}"
 
 
-def _failures_key(portal_id: int, user_id: int) -> str:
-    """This user's failed runs in a row: the exponent of the backoff."""
-    return f"fp:failures:{portal_id}:{user_id}"
+def _failures_key(portal_id: int, user_id: int, kind: str = "failures") -> str:
+    """This user's failed runs in a row: the exponent of the backoff. Outages and unexpected
+    errors count apart (`kind`), so a few outages do not use up the unexpected-error budget."""
+    return f"fp:{kind}:{portal_id}:{user_id}"
 
 
 def enqueue_converge(portal_id: int, user_id: int, *, delay: float = COALESCE_SECONDS) -> None:
@@ -62,11 +63,12 @@ def enqueue_converge(portal_id: int, user_id: int, *, delay: float = COALESCE_SE
             raise
 
 
-def _count_failure(portal_id: int, user_id: int) -> int:
+def _count_failure(portal_id: int, user_id: int, kind: str = "failures") -> int:
     """This user's failed runs in a row, this one included (reset by a run that succeeds)."""
+    key = _failures_key(portal_id, user_id, kind)
     try:
-        failures = int(redis_client().incr(_failures_key(portal_id, user_id)))
-        redis_client().expire(_failures_key(portal_id, user_id), 3600)
+        failures = int(redis_client().incr(key))
+        redis_client().expire(key, 3600)
     except RedisError:
         failures = 4
     return failures
@@ -129,7 +131,9 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str
         raise self.retry(countdown=countdown) from None
     except Exception:
         return _unexpected_failure(self, portal_id, user_id)
-    redis_client().delete(_failures_key(portal_id, user_id))
+    redis_client().delete(
+        _failures_key(portal_id, user_id), _failures_key(portal_id, user_id, UNEXPECTED)
+    )
     _run_finished(portal_id, user_id)
     return result
 
@@ -137,18 +141,19 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str
 # After this many unexpected failures in a row (a bug, an undecryptable token, an answer we
 # cannot read) a user's pending pins are marked failed instead of retried for ever.
 MAX_UNEXPECTED_FAILURES = 5
+UNEXPECTED = "unexpected"  # the counter those failures keep (apart from outages)
 
 
 def _unexpected_failure(task: Any, portal_id: int, user_id: int) -> str:
     """Back off like an outage — never re-run at once — and give up after a few in a row."""
     log.exception("convergence for a user of portal %s failed unexpectedly", portal_id)
-    failures = _count_failure(portal_id, user_id)
+    failures = _count_failure(portal_id, user_id, UNEXPECTED)
     if failures < MAX_UNEXPECTED_FAILURES:
         countdown = _backoff(failures, 1.0)
         redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL + int(countdown) + 1)
         raise task.retry(countdown=countdown) from None
     failed = services.fail_pending(portal_id, user_id, PinIntent.Problem.INTERNAL)
-    redis_client().delete(_failures_key(portal_id, user_id))
+    redis_client().delete(_failures_key(portal_id, user_id, UNEXPECTED))
     _run_finished(portal_id, user_id)
     return f"gave up after {failures} unexpected failures ({failed} pins marked failed)"
 

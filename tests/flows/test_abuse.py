@@ -381,3 +381,24 @@ def test_status_ids_that_are_not_ascii_numbers_are_ignored_not_a_500(
 ) -> None:
     answer = api(opened["client"], opened["token"], "GET", f"/flows/api/status?ids={ids}")
     assert answer.status_code == 200
+
+
+def test_outages_do_not_use_up_the_budget_for_unexpected_errors(
+    sandbox: Any, opened: dict[str, Any]
+) -> None:
+    """Five outage retries, then one bug: that is one unexpected error, not the fifth."""
+    portal = opened["portal"]
+    services.pin_intent_set(portal, USER, visible_to(sandbox, USER)[:1], True)
+    for _ in range(tasks.MAX_UNEXPECTED_FAILURES):
+        tasks._count_failure(portal.pk, USER)  # what an outage's backoff counts
+
+    class CeleryTask:  # stands in for Celery's bound task: its retry() is what is asked for
+        def retry(self, countdown: float) -> Exception:
+            return RuntimeError(f"retry in {countdown:.1f} s")
+
+    with pytest.raises(RuntimeError, match="retry in"):
+        try:
+            raise ValueError("a bug")
+        except ValueError:
+            tasks._unexpected_failure(CeleryTask(), portal.pk, USER)
+    assert PinIntent.objects.get().status == PinIntent.Status.PENDING
