@@ -288,7 +288,9 @@ def refresh_user_token(
         mark_user_needs_reopen(user_pk, mismatch)
         raise ReopenRequired(mismatch)
     if failure is None:
-        if tokens.client_endpoint and tokens.client_endpoint != portal.client_endpoint:
+        # Compared as stored: a refresh answer that differs only in form costs no app.info call.
+        moved = oauth.normalize_endpoint(tokens.client_endpoint) != portal.client_endpoint
+        if tokens.client_endpoint and moved:
             _reverify_endpoint(portal, user.access_token)
         return user.access_token, user.token_version
     # The refresh chain is dead: record it (outside the rolled-back block) and stop.

@@ -100,7 +100,13 @@ def trusted_server_base(server_endpoint: str) -> str:
 def check_portal_endpoint(client_endpoint: str) -> str:
     """A portal REST base from a trusted answer (app.info, a re-verified redirect): https on a
     public host (http and loopback only with B24_ALLOW_HTTP), normalised to end in a slash."""
-    parts = _check_url(client_endpoint, "portal endpoint", "UNTRUSTED_ENDPOINT")
+    _check_url(client_endpoint, "portal endpoint", "UNTRUSTED_ENDPOINT")
+    return normalize_endpoint(client_endpoint)
+
+
+def normalize_endpoint(url: str) -> str:
+    """The form endpoints are stored in (lower-case host, trailing slash): compare in it."""
+    parts = urlsplit(url.strip())
     path = parts.path if parts.path.endswith("/") else parts.path + "/"
     return f"{parts.scheme}://{parts.netloc.lower()}{path}"
 
