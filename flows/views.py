@@ -166,6 +166,10 @@ def intent_json(intent: PinIntent) -> dict[str, Any]:
     }
 
 
+def _intents_by_flow(portal: Portal, user: PortalUser) -> dict[int, PinIntent]:
+    return {i.flow_id: i for i in PinIntent.objects.filter(portal=portal, user_id=user.user_id)}
+
+
 def _rows(flows: list[dict[str, Any]], intents: dict[int, PinIntent]) -> list[dict[str, Any]]:
     rows = []
     for f in flows:
@@ -200,7 +204,7 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
         except Exception:  # the broker is down: what there is is still worth showing
             log.warning("could not queue a snapshot refresh")
     flows = snap.flows if snap else []
-    intents = {i.flow_id: i for i in PinIntent.objects.filter(portal=portal, user_id=user.user_id)}
+    intents = _intents_by_flow(portal, user)
     lang = translation.get_language() or "en"
     context = {
         "portal": portal,
@@ -318,7 +322,7 @@ def rows(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse
         if not problem:
             tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
         return JsonResponse({"loading": True, "problem": problem})
-    intents = {i.flow_id: i for i in PinIntent.objects.filter(portal=portal, user_id=user.user_id)}
+    intents = _intents_by_flow(portal, user)
     return JsonResponse(
         {"loading": False, "version": snap.fetched_at, "rows": _rows(snap.flows, intents)}
     )
