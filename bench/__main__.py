@@ -613,6 +613,60 @@ def bench_fairness(stack: Stack, report: Report, flows: int, passes: int) -> Non
     )
 
 
+def _lossy_run(stack: Stack, flows: int, ratio: float, seed: int, clicks: str) -> list[str]:
+    """One user's pins on a portal that loses `ratio` of the pin answers (a batch's whole
+    answer is lost whenever any of its commands' is), at the default limit, from a fresh
+    bucket. Returns a table row: seconds to settle, requests, lost answers, wrong states."""
+    from flows.models import PinIntent
+
+    name = stack.portal_names()[0]
+    tokens = prepare(stack, [name], flows, [1])
+    ids = generated_flow_ids(stack, name)[:flows]
+    stack.sb(f"p/{name}/pins", {"user_id": 1, "flow_ids": ids[::10], "pinned": True})
+    set_limits(stack, [name], 2, 50)
+    stack.sb("config", {"pin_drop_ratio": ratio, "seed": seed})
+    before = stack.portal_state(name)["counters"]
+    t0 = time.monotonic()
+    if clicks == "one per row":
+        for fid in ids:
+            stack.pin(tokens[(name, 1)], [fid], True)
+    else:  # Pin all: one request
+        stack.pin(tokens[(name, 1)], ids, True)
+    took = wait_all_settled(600) - t0
+    stack.sb("config", {"pin_drop_ratio": 0.0})
+    after = stack.portal_state(name)
+    pinned = set(after["pins"].get("1", []))
+    wrong = sum(1 for fid in ids if fid not in pinned) + sum(
+        1 for i in PinIntent.objects.all() if i.status != "done" or i.observed is not True
+    )
+    return [
+        f"{flows} flows, {clicks}",
+        f"{ratio:.0%}",
+        str(seed),
+        f"{took:.1f}",
+        str(after["counters"]["requests"] - before["requests"]),
+        str(after["counters"]["dropped_responses"] - before["dropped_responses"]),
+        str(wrong),
+    ]
+
+
+def bench_lossy(stack: Stack, report: Report) -> None:
+    rows = [_lossy_run(stack, 4, 0.5, seed, "one per row") for seed in (1, 4, 7)]
+    rows.append(["target", "50%", "", "≤ 20", "", "", "0"])
+    seeds = (7,) if QUICK else (7, 11)
+    rows += [_lossy_run(stack, 120, 0.2, seed, "Pin all") for seed in seeds]
+    rows.append(["target", "20%", "", "≤ 30 (floor ≈ 33: see README)", "", "", "0"])
+    report.add(
+        "Lossy network: pins settle while answers are lost (2/s, burst 50; 1 in 10 flows "
+        "pinned beforehand in Bitrix24)",
+        ["scenario", "answers lost", "seed", "seconds", "REST requests", "lost", "wrong states"],
+        rows,
+        "Requests shrink after a lost answer (halving down to single toggles) and grow back "
+        "while answered; a lost answer's flows wait out a 1 s quiet period while the others go "
+        "on. The 20% row is bound by the bucket: see the README for the arithmetic.",
+    )
+
+
 def bench_slow_portal(stack: Stack, report: Report, seconds: float) -> None:
     """Twelve users of one portal open the app cold, once a second each; the page latency of
     another portal is measured while that portal answers normally, then while it answers every
@@ -871,6 +925,8 @@ def main() -> int:
             bench_intents(stack, report, 4 if QUICK else 10)
         if wanted("bench_fairness"):
             bench_fairness(stack, report, 1000 if QUICK else 2000, 3)
+        if wanted("bench_lossy"):
+            bench_lossy(stack, report)
         if wanted("bench_slow_portal"):
             bench_slow_portal(stack, report, 5 if QUICK else 10)
         if wanted("bench_events"):

@@ -67,7 +67,11 @@ class PinIntent(models.Model):
     observed_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     problem = models.CharField(max_length=16, choices=Problem.choices, blank=True, default="")
-    toggles = models.PositiveIntegerField(default=0)  # pin calls made for the current seq
+    # Answered pin calls for the current seq (since a lost answer last made the state unknown).
+    toggles = models.PositiveIntegerField(default=0)
+    # After a toggle whose answer was lost, the flow is left alone until then (the portal may
+    # still be applying it); other flows of the user go on meanwhile.
+    not_before = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 

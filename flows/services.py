@@ -16,12 +16,12 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Value
 from django.utils import timezone
 from redis.exceptions import RedisError
 
@@ -57,6 +57,10 @@ LIMITER_WAIT = 0.6
 # A round of at most this many toggles is interactive (a click or two) and may use the slots of
 # the portal's bucket that bulk rounds ("Pin all") leave free.
 INTERACTIVE_TOGGLES = 3
+# A run ends (and backs off like an outage) after this many lost answers in a row: the portal,
+# or the way to it, is losing everything, and each lost toggle may still have been applied.
+LOST_IN_A_ROW = 8
+LOST_PAUSE_MAX = 5.0
 
 
 # --- the flows a user sees --------------------------------------------------------------------
@@ -305,12 +309,66 @@ class Busy(Exception):
 
 
 class RetryLater(Exception):
-    """Stop this run; try again in `delay` seconds (negative: do not, it is final)."""
+    """Stop this run; try again in `delay` seconds (negative: do not, it is final).
 
-    def __init__(self, delay: float, reason: str, *, rate_limited: bool = False) -> None:
+    `exact`: come back exactly then — the portal's bucket has room, a lost answer's quiet period
+    is over, or a bounded run has more to do; not an outage, so no backoff grows. `progress`:
+    this run had answers from the portal, so whatever failed before it is over (the backoff
+    starts afresh).
+    """
+
+    def __init__(
+        self, delay: float, reason: str, *, exact: bool = False, progress: bool = False
+    ) -> None:
         super().__init__(reason)
         self.delay = delay
-        self.rate_limited = rate_limited
+        self.exact = exact
+        self.progress = progress
+
+
+class BatchSize:
+    """How many toggles the next request of one user carries: adaptive, like TCP's window.
+
+    A request whose answer is lost tells nothing about any of its commands, and on a lossy path
+    the bigger the request the likelier its answer is lost. So: start small and double while
+    answers come (slow start), halve after a lost answer (down to single commands), and grow by
+    a few per answered request (additive increase) back towards BATCH_LIMIT. Kept per user in
+    Redis for a while, so the next run starts where the last one learnt the path to be.
+    """
+
+    START = 10
+    STEP = 2
+    TTL = 600
+
+    def __init__(self, portal_id: int, user_id: int) -> None:
+        self.key = f"fp:batch:{portal_id}:{user_id}"
+        raw = redis_client().hgetall(self.key)
+        self.size = int(raw.get(b"size", self.START))
+        self.slow_start = raw.get(b"slow", b"1") == b"1"
+        self.lost_in_a_row = int(raw.get(b"lost", 0))
+        self._dirty = False
+
+    def answered(self, sent: int) -> None:
+        grown = self.size * 2 if self.slow_start else self.size + self.STEP
+        # Only a full request says the path carries that many: a short one grows nothing.
+        if sent >= self.size:
+            self.size = min(BATCH_LIMIT, grown)
+        self.lost_in_a_row = 0
+        self._dirty = True
+
+    def lost(self, sent: int) -> None:
+        self.size = max(1, min(self.size, sent) // 2)
+        self.slow_start = False
+        self.lost_in_a_row += 1
+        self._dirty = True
+
+    def save(self) -> None:
+        if self._dirty:
+            slow = "1" if self.slow_start else "0"
+            mapping = {"size": self.size, "slow": slow, "lost": self.lost_in_a_row}
+            redis_client().hset(self.key, mapping=mapping)  # type: ignore[arg-type]
+            redis_client().expire(self.key, self.TTL)
+            self._dirty = False
 
 
 class LockLost(Exception):
@@ -426,11 +484,14 @@ def _record_answers(
     *,
     only_pending: bool = False,
     count: bool = False,
+    not_before: datetime | None = None,
 ) -> None:
     """Write what the portal said. Only observation fields: a click in between keeps its intent.
 
-    An answer counts toward MAX_TOGGLES; a lost one (None) does not — it is an outage, retried
-    with backoff, not a sign that the state will not settle. One UPDATE per distinct answer.
+    An answer counts toward MAX_TOGGLES. A lost one (None) starts the count afresh: the state
+    is unknown again, and the answers before it say nothing about whether it will settle — on a
+    lossy path each lost answer costs up to two more toggles, which must not add up to "could
+    not confirm". An unreadable answer (`count`) does count. One UPDATE per distinct answer.
     """
     now = timezone.now()
     by_answer: dict[bool | None, list[int]] = {}
@@ -438,11 +499,17 @@ def _record_answers(
         by_answer.setdefault(observed, []).append(pending[fid].pk)
     with transaction.atomic():
         for observed, pks in by_answer.items():
-            counted = F("toggles") + 1 if observed is not None or count else F("toggles")
+            counted = F("toggles") + 1 if observed is not None or count else Value(0)
             rows = PinIntent.objects.filter(pk__in=pks)
             if only_pending:
                 rows = rows.filter(status=PinIntent.Status.PENDING)
-            rows.update(observed=observed, observed_at=now, toggles=counted, updated_at=now)
+            rows.update(
+                observed=observed,
+                observed_at=now,
+                toggles=counted,
+                not_before=not_before,
+                updated_at=now,
+            )
 
 
 def _finish(intent_ids: list[int], status: str, problem: str, **still: Any) -> None:
@@ -480,37 +547,73 @@ def converge_user(
     user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
     if portal is None or user is None:
         return stats
+    batch = BatchSize(portal_id, user_id)
     with _Lock(portal_id, user_id, holder, ttl_ms=lock_ttl_ms, keep_alive=keep_alive) as lock:
-        for _ in range(max_rounds):
-            lock.check()
-            pending = list(
-                PinIntent.objects.filter(
-                    portal_id=portal_id,
-                    user_id=user_id,
-                    status=PinIntent.Status.PENDING,
-                ).order_by("updated_at", "pk")[:PENDING_WINDOW]
+        try:
+            _converge_rounds(portal, user, stats, lock, batch, max_rounds)
+        finally:
+            batch.save()
+    return stats
+
+
+def _converge_rounds(
+    portal: Portal,
+    user: PortalUser,
+    stats: dict[str, int],
+    lock: _Lock,
+    batch: BatchSize,
+    max_rounds: int,
+) -> None:
+    portal_id, user_id = portal.pk, user.user_id
+    for _ in range(max_rounds):
+        lock.check()
+        pending = list(
+            PinIntent.objects.filter(
+                portal_id=portal_id,
+                user_id=user_id,
+                status=PinIntent.Status.PENDING,
+            ).order_by("updated_at", "pk")[:PENDING_WINDOW]
+        )
+        done = [i.pk for i in pending if i.converged]
+        _finish(done, PinIntent.Status.DONE, "", observed=F("desired"))
+        stats["done"] += len(done)
+        exhausted = [i.pk for i in pending if not i.converged and i.toggles >= MAX_TOGGLES]
+        _finish(
+            exhausted,
+            PinIntent.Status.FAILED,
+            PinIntent.Problem.GAVE_UP,
+            toggles__gte=MAX_TOGGLES,
+        )
+        stats["failed"] += len(exhausted)
+        todo = [i for i in pending if not i.converged and i.toggles < MAX_TOGGLES]
+        if not todo:
+            if len(pending) < PENDING_WINDOW:
+                return
+            continue  # a full window of settled intents: there may be more behind it
+        now = timezone.now()
+        ready = {i.flow_id: i for i in todo if i.not_before is None or i.not_before <= now}
+        if not ready:
+            # Every flow left waits out a lost answer: come back when the first may go.
+            wait = min(i.not_before for i in todo if i.not_before is not None) - now
+            raise RetryLater(
+                wait.total_seconds(),
+                "waiting out a lost answer",
+                exact=True,
+                progress=stats["toggles"] > 0,
             )
-            done = [i.pk for i in pending if i.converged]
-            _finish(done, PinIntent.Status.DONE, "", observed=F("desired"))
-            stats["done"] += len(done)
-            exhausted = [i.pk for i in pending if not i.converged and i.toggles >= MAX_TOGGLES]
-            _finish(
-                exhausted,
-                PinIntent.Status.FAILED,
-                PinIntent.Problem.GAVE_UP,
-                toggles__gte=MAX_TOGGLES,
-            )
-            stats["failed"] += len(exhausted)
-            todo = {i.flow_id: i for i in pending if not i.converged and i.toggles < MAX_TOGGLES}
-            if not todo:
-                if len(pending) < PENDING_WINDOW:
-                    return stats
-                continue  # a full window of settled intents: there may be more behind it
-            chunk = dict(list(todo.items())[:BATCH_LIMIT])
-            stats["rounds"] += 1
-            _toggle_round(portal, user, chunk, stats, lock)
+        chunk = dict(list(ready.items())[: batch.size])
+        stats["rounds"] += 1
+        if _toggle_round(portal, user, chunk, stats, lock):
+            batch.answered(len(chunk))
+            continue
+        batch.lost(len(chunk))
+        if batch.lost_in_a_row >= LOST_IN_A_ROW:
+            # Pause between single toggles, longer the longer it lasts — but never so long that
+            # the pins lag far behind once answers come again.
+            pause = min(LOST_PAUSE_MAX, 2.0 ** (batch.lost_in_a_row - LOST_IN_A_ROW))
+            raise RetryLater(pause, "answers keep being lost", exact=True)
     # A bounded run keeps one thread from holding one user for long; carry on at once.
-    raise RetryLater(0.0, "more pins than one run converges", rate_limited=True)
+    raise RetryLater(0.0, "more pins than one run converges", exact=True, progress=True)
 
 
 def _toggle_round(
@@ -519,7 +622,9 @@ def _toggle_round(
     chunk: dict[int, PinIntent],
     stats: dict[str, int],
     lock: _Lock,
-) -> None:
+) -> bool:
+    """One request for `chunk`. False when its answer was lost (the flows wait out a quiet
+    period, their state unknown); True when the portal answered, whatever it said."""
     ids = list(chunk)
     pks = [i.pk for i in chunk.values()]
 
@@ -532,6 +637,7 @@ def _toggle_round(
             return {ids[0]: exc}  # this flow's own answer
 
     bulk = len(ids) > INTERACTIVE_TOGGLES  # leaves a few slots of the bucket to single clicks
+    progress = stats["toggles"] > 0
     try:
         answers = portal_services.call_with_user(user, toggle, max_wait=LIMITER_WAIT, bulk=bulk)
         lock.check()  # the lock held through the call: these answers are the latest
@@ -554,20 +660,25 @@ def _toggle_round(
         raise RetryLater(-1, "reinstall") from None
     except RateLimited as exc:
         _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
-        raise RetryLater(exc.retry_after, "rate limited", rate_limited=True) from None
+        raise RetryLater(exc.retry_after, "rate limited", exact=True, progress=progress) from None
     except OperationTimeLimit as exc:
         _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
         raise RetryLater(
-            max(1.0, exc.reset_at - time.time()), "operating time limit", rate_limited=True
+            max(1.0, exc.reset_at - time.time()),
+            "operating time limit",
+            exact=True,
+            progress=progress,
         ) from None
     except ResponseLost as exc:
-        # The toggles may or may not have happened: the state is unknown until the next answer.
-        _record_answers({fid: None for fid in ids}, chunk)
+        # The toggles may or may not have happened: the state is unknown until the next answer,
+        # and these flows wait until the portal must be done with them; the others go on.
+        quiet_until = timezone.now() + timedelta(seconds=_quiet_period(exc))
+        _record_answers({fid: None for fid in ids}, chunk, not_before=quiet_until)
         _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
-        raise RetryLater(_quiet_period(exc), "answer lost") from None
+        return False
     except TransientError:
         _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
-        raise RetryLater(2.0, "portal unavailable") from None
+        raise RetryLater(2.0, "portal unavailable", progress=progress) from None
     except PortalGone:
         portal_services.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
         _finish(
@@ -580,7 +691,7 @@ def _toggle_round(
         log.warning("pin request failed permanently: %s", exc.code)
         _finish(pks, PinIntent.Status.FAILED, PinIntent.Problem.GAVE_UP)
         stats["failed"] += len(pks)
-        return
+        return True
 
     observed: dict[int, bool | None] = {}
     unreadable: dict[int, bool | None] = {}
@@ -609,7 +720,8 @@ def _toggle_round(
         _finish(denied, PinIntent.Status.FAILED, PinIntent.Problem.DENIED)
         stats["failed"] += len(denied)
     if transient_failure and not observed and not unreadable:
-        raise RetryLater(2.0, "sub-commands failed")
+        raise RetryLater(2.0, "sub-commands failed", progress=progress)
+    return True
 
 
 def _quiet_period(exc: ResponseLost) -> float:

