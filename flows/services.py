@@ -59,7 +59,7 @@ LIMITER_WAIT = 0.6
 INTERACTIVE_TOGGLES = 3
 # A run ends (and backs off like an outage) after this many lost answers in a row: the portal,
 # or the way to it, is losing everything, and each lost toggle may still have been applied.
-LOST_IN_A_ROW = 8
+LOST_IN_A_ROW = 12
 LOST_PAUSE_MAX = 5.0
 
 
@@ -337,7 +337,7 @@ class BatchSize:
     """
 
     START = 10
-    STEP = 2
+    STEP = 1
     TTL = 600
 
     def __init__(self, portal_id: int, user_id: int) -> None:
