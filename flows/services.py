@@ -14,8 +14,8 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Value
 from django.utils import timezone
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from b24app import services as portal_services
 from b24app.bitrix.client import BATCH_LIMIT
@@ -69,28 +69,121 @@ LOST_PAUSE_MAX = 5.0
 @dataclass
 class Snapshot:
     flows: list[dict[str, Any]]
-    fetched_at: float
+    fetched_at: float  # when the fetch that produced it started
     source: str  # "list" or "tasks" (older portals)
+    # Bumped by every write (a fetch landing, a flow added by id): a page compares it to the
+    # one it shows; later writes have higher versions.
+    version: int = 0
+    # Flows added by id since the list was fetched, and when: a fetch that started before an
+    # add keeps them (its list may predate the add), a later one tells the truth.
+    added: dict[str, float] = field(default_factory=dict)
 
     @property
     def age(self) -> float:
         return time.time() - self.fetched_at
 
 
+@dataclass
+class SnapshotMeta:
+    """What a page polling for changes needs: small, read without the flows."""
+
+    version: int
+    fetched_at: float
+
+    @property
+    def age(self) -> float:
+        return time.time() - self.fetched_at
+
+
+VERSION_TTL = 86400  # the version counter outlives any snapshot and any page token
+
+
 def _snapshot_key(portal: Portal, user_id: int) -> str:
     return f"fp:snap:{portal.pk}:{user_id}"
 
 
-def snapshot_get(portal: Portal, user_id: int) -> Snapshot | None:
-    raw = redis_client().get(_snapshot_key(portal, user_id))
+def _snapshot_meta_key(portal: Portal, user_id: int) -> str:
+    return f"fp:snapmeta:{portal.pk}:{user_id}"
+
+
+def _snapshot_version_key(portal: Portal, user_id: int) -> str:
+    return f"fp:snapver:{portal.pk}:{user_id}"
+
+
+def _snapshot_load(raw: bytes | str | None) -> Snapshot | None:
     if raw is None:
         return None
     data = json.loads(raw)
-    return Snapshot(flows=data["flows"], fetched_at=data["fetched_at"], source=data["source"])
+    return Snapshot(
+        flows=data["flows"],
+        fetched_at=data["fetched_at"],
+        source=data["source"],
+        version=int(data.get("version", 0)),
+        added=dict(data.get("added") or {}),
+    )
 
 
-def _snapshot_put(portal: Portal, user_id: int, snap: Snapshot) -> None:
-    redis_client().set(_snapshot_key(portal, user_id), json.dumps(asdict(snap)), ex=SNAPSHOT_TTL)
+def snapshot_get(portal: Portal, user_id: int) -> Snapshot | None:
+    return _snapshot_load(redis_client().get(_snapshot_key(portal, user_id)))
+
+
+def snapshot_meta(portal: Portal, user_id: int) -> SnapshotMeta | None:
+    raw = redis_client().get(_snapshot_meta_key(portal, user_id))
+    if raw is None:
+        return None
+    data = json.loads(raw)
+    return SnapshotMeta(version=int(data["version"]), fetched_at=float(data["fetched_at"]))
+
+
+def _snapshot_update(
+    portal: Portal, user_id: int, change: Callable[[Snapshot | None], Snapshot | None]
+) -> Snapshot | None:
+    """Write `change(current)` (None: leave it) with the next version, atomically: a fetch
+    landing and an add by id at the same moment cannot drop each other's flows, and the
+    versions of the writes that land grow in the order they land (the version is taken after
+    the WATCH, so a write that lands later was given a higher one)."""
+    key = _snapshot_key(portal, user_id)
+    version_key = _snapshot_version_key(portal, user_id)
+    with redis_client().pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]  # untyped in redis-py
+                current = _snapshot_load(pipe.get(key))
+                new = change(current)
+                if new is None:
+                    pipe.reset()
+                    return current
+                new.version = int(pipe.incr(version_key))
+                pipe.multi()
+                pipe.set(key, json.dumps(asdict(new)), ex=SNAPSHOT_TTL)
+                pipe.set(
+                    _snapshot_meta_key(portal, user_id),
+                    json.dumps({"version": new.version, "fetched_at": new.fetched_at}),
+                    ex=SNAPSHOT_TTL,
+                )
+                pipe.expire(version_key, VERSION_TTL)
+                pipe.execute()
+                return new
+            except WatchError:
+                continue
+
+
+def _snapshot_put(portal: Portal, user_id: int, snap: Snapshot, *, started: float) -> Snapshot:
+    """Store a fetched list. Flows added by id after the fetch started stay in it."""
+
+    def merge(current: Snapshot | None) -> Snapshot:
+        if current is not None:
+            listed = {f["id"] for f in snap.flows}
+            for flow in current.flows:
+                added_at = current.added.get(str(flow["id"]))
+                if added_at is not None and added_at >= started and flow["id"] not in listed:
+                    snap.flows.append(flow)
+                    snap.added[str(flow["id"])] = added_at
+        return snap
+
+    stored = _snapshot_update(portal, user_id, merge)
+    assert stored is not None
+    return stored
 
 
 def _remember(portal: Portal, flows: Iterable[remote.FlowInfo], source: str) -> None:
@@ -163,8 +256,10 @@ def flows_fetch(portal: Portal, user: PortalUser, *, bulk: bool = False) -> Snap
         _remember(portal, got.values(), Flow.Source.TASK)
         return Snapshot([_flow_dict(got[i]) for i in sorted(got)], time.time(), "tasks")
 
+    started = time.time()
     snap = portal_services.call_with_user(user, fetch, max_wait=3.0, bulk=bulk)
-    _snapshot_put(portal, user.user_id, snap)
+    snap.fetched_at = started  # the list is as of when it was asked for, not when it arrived
+    snap = _snapshot_put(portal, user.user_id, snap, started=started)
     redis_client().delete(_snapshot_problem_key(portal, user.user_id))
     return snap
 
@@ -210,10 +305,15 @@ def flow_add_by_id(
             "source": Flow.Source.USER,
         },
     )
-    snap = snapshot_get(portal, user.user_id)
-    if snap is not None and all(f["id"] != info.flow_id for f in snap.flows):
-        snap.flows.append(_flow_dict(info))
-        _snapshot_put(portal, user.user_id, snap)
+
+    def append(current: Snapshot | None) -> Snapshot | None:
+        if current is None or any(f["id"] == info.flow_id for f in current.flows):
+            return None
+        current.flows.append(_flow_dict(info))
+        current.added[str(info.flow_id)] = time.time()
+        return current
+
+    _snapshot_update(portal, user.user_id, append)
     return info
 
 

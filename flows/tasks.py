@@ -173,6 +173,10 @@ def pending_refreshes() -> int:
     return sum(1 for _ in redis_client().scan_iter(match="fp:refreshing:*", count=500))
 
 
+def refresh_in_flight(portal_id: int, user_id: int) -> bool:
+    return bool(redis_client().exists(_refreshing_key(portal_id, user_id)))
+
+
 def request_snapshot_refresh(portal_id: int, user_id: int, *, interactive: bool = False) -> bool:
     """Queue a refresh of the user's flow list unless one is already in flight (a dozen tabs
     or a replayed frame POST cost the portal one list, not a dozen). True when queued."""

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
@@ -19,8 +20,9 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 from django.utils import translation
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext, trans_real
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from redis.exceptions import RedisError
 
 from b24app import services as portal_services
@@ -190,17 +192,45 @@ def json_for_script(value: Any) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003C").replace(">", "\\u003E")
 
 
+# The open page asks for the snapshot's version this often (while it is visible), and for a
+# refresh when the snapshot is older: one cheap request a user per interval.
+PAGE_REFRESH_SECONDS = 30
+# Right after an open (or a refresh the page asked for), it asks every second for this long
+# at most, until the refreshed list has landed.
+PAGE_FAST_POLL_SECONDS = 20
+
+
+def _plural_table(n: int) -> int:
+    """The active language's plural form for n (its catalog's Plural-Forms rule)."""
+    catalog = trans_real.translation(translation.get_language() or "en")
+    return int(catalog.plural(n))
+
+
+def plurals_js(messages: dict[str, Callable[[int], str]]) -> dict[str, Any]:
+    """Plural messages for the page's script, which has no ngettext: the form index of every n
+    below 200 (past that, n's form is that of 100 + n % 100, which holds for every
+    Plural-Forms rule built on n, n % 10 and n % 100), and each message's form per index."""
+    index = [_plural_table(n) for n in range(200)]
+    first = {i: index.index(i) for i in sorted(set(index))}
+    forms = {
+        key: [message(first.get(i, 0)) for i in range(max(index) + 1)]
+        for key, message in messages.items()
+    }
+    return {"index": "".join(str(i) for i in index), "forms": forms}
+
+
 def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpResponse:
     """Render the user's flows at once from the latest snapshot; never wait on the portal here.
 
-    A stale snapshot is refreshed in the background; with none yet (the first open) the page
-    shows a loading state and fills in when the background fetch lands (`rows` endpoint).
+    The snapshot is refreshed in the background unless it is only seconds old, and the page
+    updates in place when the refresh lands (`rows` endpoint); with none yet (the first open)
+    the page shows a loading state and fills in.
     """
     snap = services.snapshot_get(portal, user.user_id)
     loading = snap is None
-    if snap is None or snap.age > services.SNAPSHOT_FRESH:
+    if snap is None or snap.age >= tasks.REFRESH_SKIP_SECONDS:
         try:
-            tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=loading)
+            tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
         except Exception:  # the broker is down: what there is is still worth showing
             log.warning("could not queue a snapshot refresh")
     flows = snap.flows if snap else []
@@ -215,6 +245,25 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
         "snapshot_age": int(snap.age) if snap else None,
         "page_token": page_token(portal, user, lang),
         "bx24_js": settings.B24_JS_SDK_URL,
+        "page_js": {
+            "version": snap.version if snap else None,
+            "refresh_seconds": PAGE_REFRESH_SECONDS,
+            "fast_poll_seconds": PAGE_FAST_POLL_SECONDS,
+            "chunk": MAX_FLOWS_PER_REQUEST,
+            "plurals": plurals_js(
+                {
+                    "pinned_n": lambda n: ngettext(
+                        "%(count)s flow pinned", "%(count)s flows pinned", n
+                    ),
+                    "unpinned_n": lambda n: ngettext(
+                        "%(count)s flow unpinned", "%(count)s flows unpinned", n
+                    ),
+                    "failed_n": lambda n: ngettext(
+                        "%(count)s flow failed", "%(count)s flows failed", n
+                    ),
+                }
+            ),
+        },
         "messages_js": {
             "pin": _("Pin"),
             "unpin": _("Unpin"),
@@ -229,6 +278,8 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
             "loading": _("Loading your flows from Bitrix24…"),
             "active": _("active"),
             "inactive": _("inactive"),
+            "pinning_progress": _("Pinning %(done)s of %(total)s…"),
+            "unpinning_progress": _("Unpinning %(done)s of %(total)s…"),
         },
     }
     return render(request, "flows/app.html", context)
@@ -298,10 +349,37 @@ def pin(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
     return JsonResponse({"intents": [intent_json(i) for i in intents]}, status=202)
 
 
-@require_GET
+@require_http_methods(["GET", "POST"])
 @_api
 def status(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
-    ids = [int(x) for x in request.GET.get("ids", "").split(",")[:1000] if _ID.match(x)]
+    """The intents of the named flows (every intent of the user when none are named).
+
+    The page POSTs `{"flow_ids": [...]}` (at most MAX_FLOWS_PER_REQUEST a request), so no URL
+    grows with a Pin all; `GET ?ids=1,2,3` stays for short lists.
+    """
+    if request.method == "POST":
+        raw_ids = _json_body(request).get("flow_ids")
+        if not isinstance(raw_ids, list) or len(raw_ids) > MAX_FLOWS_PER_REQUEST:
+            return JsonResponse(
+                {
+                    "error": ngettext(
+                        "Name at most %(count)d flow a request.",
+                        "Name at most %(count)d flows a request.",
+                        MAX_FLOWS_PER_REQUEST,
+                    )
+                    % {"count": MAX_FLOWS_PER_REQUEST}
+                },
+                status=400,
+            )
+        if not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids
+        ):
+            return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
+        if not raw_ids:
+            return JsonResponse({"intents": []})
+        ids = list(dict.fromkeys(raw_ids))
+    else:
+        ids = [int(x) for x in request.GET.get("ids", "").split(",")[:1000] if _ID.match(x)]
     qs = PinIntent.objects.filter(portal=portal, user_id=user.user_id)
     if ids:
         qs = qs.filter(flow_id__in=ids)
@@ -312,20 +390,61 @@ _ID = re.compile(r"^[0-9]{1,10}$")  # ASCII only: "²".isdigit() is True, int("�
 _FLOW_ID_IN_TEXT = re.compile(r"([0-9]{1,10})(?!.*[0-9])", re.DOTALL)
 
 
+def _seconds(raw: str | None) -> float | None:
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 10**6 else None
+
+
 @require_GET
 @_api
 def rows(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
-    """The user's rows from the latest snapshot, for a page that opened before there was one."""
-    snap = services.snapshot_get(portal, user.user_id)
-    if snap is None:
-        problem = services.snapshot_problem(portal, user.user_id)
-        if not problem:
-            tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
-        return JsonResponse({"loading": True, "problem": problem})
+    """The user's rows from the latest snapshot, for the open page to update itself in place.
+
+    `since`: the snapshot version the page shows; when it is still the latest, the answer is
+    "unchanged" without any rows (read from a small key, not the snapshot). `max_age`: the
+    page wants a list no older than this many seconds; a refresh is queued when the snapshot
+    is older (unless it is only seconds old, one is in flight, or the last one failed just now).
+    The answer says whether a refresh is in flight, so the page knows to keep asking.
+    """
+    snap: services.Snapshot | None = None
+    meta = services.snapshot_meta(portal, user.user_id)
+    if meta is None:  # none, or one written before snapshots had versions
+        snap = services.snapshot_get(portal, user.user_id)
+        if snap is None:
+            problem = services.snapshot_problem(portal, user.user_id)
+            if not problem:
+                tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
+            return JsonResponse({"loading": True, "problem": problem})
+        meta = services.SnapshotMeta(version=snap.version, fetched_at=snap.fetched_at)
+    refreshing = tasks.refresh_in_flight(portal.pk, user.user_id)
+    max_age = _seconds(request.GET.get("max_age"))
+    if (
+        max_age is not None
+        and not refreshing
+        and meta.age >= max(max_age, tasks.REFRESH_SKIP_SECONDS)
+        and not services.snapshot_problem(portal, user.user_id)
+    ):
+        try:
+            refreshing = tasks.request_snapshot_refresh(portal.pk, user.user_id)
+        except Exception:  # the broker is down: the page keeps what it shows
+            log.warning("could not queue a snapshot refresh")
+    answer: dict[str, Any] = {
+        "loading": False,
+        "version": meta.version,
+        "age": round(meta.age, 1),
+        "refreshing": refreshing,
+    }
+    if request.GET.get("since") == str(meta.version):
+        return JsonResponse({**answer, "unchanged": True})
+    snap = snap or services.snapshot_get(portal, user.user_id)
+    if snap is None:  # expired between the two reads
+        return JsonResponse({"loading": True, "problem": ""})
     intents = _intents_by_flow(portal, user)
-    return JsonResponse(
-        {"loading": False, "version": snap.fetched_at, "rows": _rows(snap.flows, intents)}
-    )
+    answer.update(version=snap.version, age=round(snap.age, 1), rows=_rows(snap.flows, intents))
+    return JsonResponse(answer)
 
 
 @require_POST
@@ -364,6 +483,7 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
             },
             status=202,
         )
+    meta = services.snapshot_meta(portal, user.user_id)
     return JsonResponse(
         {
             "flow": {
@@ -371,6 +491,9 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
                 "name": info.name,
                 "active": info.active,
                 "efficiency": info.efficiency,
-            }
+            },
+            # The snapshot version that holds this flow: the page keeps the row it adds
+            # against any older list it is sent.
+            "version": meta.version if meta else None,
         }
     )

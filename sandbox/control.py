@@ -21,6 +21,10 @@ Parameters may come as a JSON body, a form body or a query string. Routes:
                                             new host (old host/path answer 302)
 ``POST /_sandbox/p/NAME/pins``              set pins as if the user clicked in Bitrix24
 ``POST /_sandbox/p/NAME/flows``             generate many flows (benchmarks)
+``POST /_sandbox/p/NAME/flow``              create one flow (no ``id``), or change (``name``,
+                                            ``active``, ``efficiency``, ``access``) or delete
+                                            (``"delete": true``) the flow ``id``, as a user
+                                            editing flows in Bitrix24 would
 ``POST /_sandbox/p/NAME/tokens``            mint a token pair for a user (token-endpoint shape)
 =========================================  =================================================
 
@@ -281,6 +285,58 @@ def _generate_flows(
     }
 
 
+def _access(params: Mapping[str, Any], default: list[str] | None = None) -> list[str]:
+    access = params.get("access", default)
+    if not isinstance(access, list) or not all(isinstance(a, str) for a in access):
+        raise ControlError(400, "access must be a list of access codes like ['UA', 'U2', 'D10']")
+    return list(access)
+
+
+def _edit_flow(state: SandboxState, portal: Portal, params: Mapping[str, Any]) -> dict[str, Any]:
+    """One flow created, changed or deleted, as a person editing flows in Bitrix24 does."""
+    if params.get("id") is None:
+        fid = portal.next_flow_id()
+        flow = Flow(
+            id=fid,
+            name=str(params.get("name") or f"Поток {fid}"),
+            description="",
+            active=_bool_param(params, "active", True),
+            efficiency=_int_param(params, "efficiency", 100),
+            group_id=0,
+            owner_id=1,
+            creator_id=1,
+            distribution_type="manually",
+            planned_completion_time=86400,
+            activity=iso(state.clock()),
+            demo=False,
+            access=_access(params, ["UA"]),
+            responsible=[1],
+        )
+        portal.flows[fid] = flow
+        return {"created": fid, "flow": asdict(flow)}
+    fid = _int_param(params, "id")
+    existing = portal.flows.get(fid)
+    if existing is None:
+        raise ControlError(404, f"no flow {fid}")
+    if _bool_param(params, "delete"):
+        del portal.flows[fid]
+        for pins in portal.pins.values():
+            pins.discard(fid)
+        for task in portal.tasks.values():
+            if task.flow_id == fid:
+                task.flow_id = 0
+        return {"deleted": fid}
+    if params.get("name") is not None:
+        existing.name = str(params["name"])
+    if params.get("active") is not None:
+        existing.active = _bool_param(params, "active")
+    if params.get("efficiency") is not None:
+        existing.efficiency = _int_param(params, "efficiency")
+    if params.get("access") is not None:
+        existing.access = _access(params)
+    return {"updated": fid, "flow": asdict(existing)}
+
+
 def _app_url(value: Any) -> str:
     url = str(value).strip().rstrip("/")
     if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
@@ -332,6 +388,7 @@ _PORTAL_ACTIONS: dict[str, PortalAction] = {
     "rename": _rename,
     "pins": _set_pins,
     "flows": _generate_flows,
+    "flow": _edit_flow,
     "tokens": _tokens,
     "launch": build_launch,
 }

@@ -4,7 +4,9 @@ origins), a user pins and unpins, and the sandbox's own record agrees. Saves a s
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from tests.helpers import install, portal_pins
+from flows import views
+from tests.helpers import install, portal_pins, sb, settle_background_work, visible_to
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.services]
 
@@ -97,3 +100,139 @@ def test_the_russian_page_and_markup_in_names_shown_as_text(page_for: Any) -> No
     assert 0 < visible < len(names)
     if os.environ.get("FLOWPINS_SCREENSHOTS"):
         page.screenshot(path=str(ARTIFACTS / "flows-page-ru.png"), full_page=True)
+
+
+def _wait_for_list_refreshes() -> None:
+    """Until no list refresh is queued or running (the open's own has landed)."""
+    settle_background_work()
+
+
+def _loaded(frame: Any) -> None:
+    """Until the page shows its rows (a first open fills them in when the list lands)."""
+    frame.locator('#flows[data-loading="0"] tr[data-flow-id]').first.wait_for(timeout=20000)
+
+
+def test_the_open_page_updates_in_place_when_flows_change_in_bitrix24(
+    page_for: Any, sandbox: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flow created, one renamed, one removed in Bitrix24 while the page is open: the page
+    shows all three without a reload, keeping a pin and the search filter."""
+    monkeypatch.setattr(views, "PAGE_REFRESH_SECONDS", 2, raising=False)  # sped up
+    page, frame = page_for(2)
+    _loaded(frame)
+    rows = frame.locator("tr[data-flow-id]")
+    ids = [int(i) for i in rows.evaluate_all("rs => rs.map(r => r.dataset.flowId)")]
+    kept, renamed, removed = ids[0], ids[1], ids[2]
+    kept_row = frame.locator(f'tr[data-flow-id="{kept}"]')
+    kept_row.locator(".pin-btn").click()
+    kept_row.locator(".pin-btn:not(.busy)", has_text="Unpin").wait_for(timeout=20000)
+    _wait_for_list_refreshes()
+    frame.locator("#search").fill("свеж")
+    assert frame.locator("tr[data-flow-id]:visible").count() == 0
+
+    created = sb(sandbox, "p/alpha/flow", {"name": "Свежий поток", "efficiency": 42})["created"]
+    sb(sandbox, "p/alpha/flow", {"id": renamed, "name": "Свежее имя", "active": False})
+    sb(sandbox, "p/alpha/flow", {"id": removed, "delete": True})
+
+    frame.locator(f'tr[data-flow-id="{created}"]').wait_for(timeout=20000)
+    frame.locator(f'tr[data-flow-id="{removed}"]').wait_for(state="detached", timeout=20000)
+    renamed_row = frame.locator(f'tr[data-flow-id="{renamed}"]')
+    assert renamed_row.locator("td.name").inner_text() == "Свежее имя"
+    assert renamed_row.locator(".pill").inner_text() == "inactive"
+    assert frame.locator(f'tr[data-flow-id="{created}"] td.eff').inner_text().endswith("42%")
+    visible = frame.locator("tr[data-flow-id]:visible")
+    assert sorted(int(i) for i in visible.evaluate_all("rs => rs.map(r => r.dataset.flowId)")) == (
+        sorted([created, renamed])
+    )  # the filter holds for what changed
+    assert kept_row.get_attribute("data-pinned") == "1"  # the pin survives the update
+    assert kept_row.locator(".state").inner_text() == "Pinned."
+    frame.locator("#search").fill("")
+    assert frame.locator("tr[data-flow-id]").count() == len(ids)  # +1 created, -1 removed
+
+
+def test_a_flow_created_just_before_the_open_is_on_the_page_within_10_seconds(
+    page_for: Any, sandbox: Any
+) -> None:
+    page, frame = page_for(2)  # an earlier open: there is a snapshot, seconds old
+    _loaded(frame)
+    _wait_for_list_refreshes()
+    page.close()
+    created = sb(sandbox, "p/alpha/flow", {"name": "Только что созданный"})["created"]
+    time.sleep(3)
+    opened_at = time.monotonic()
+    page, frame = page_for(2)
+    frame.locator(f'tr[data-flow-id="{created}"]').wait_for(timeout=10000)
+    assert time.monotonic() - opened_at <= 10
+    assert frame.locator(f'tr[data-flow-id="{created}"] td.name').inner_text() == (
+        "Только что созданный"
+    )
+
+
+def _summary(frame: Any, pattern: str, seconds: float) -> str:
+    progress = frame.locator("#progress")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        text = progress.inner_text()
+        if re.fullmatch(pattern, text):
+            return str(text)
+        time.sleep(0.2)
+    raise AssertionError(f"no summary like {pattern!r}; the line says {progress.inner_text()!r}")
+
+
+def test_pin_all_over_more_than_500_flows_shows_progress_and_a_summary(
+    page_for: Any, sandbox: Any
+) -> None:
+    sb(sandbox, "p/alpha/flows", {"count": 520, "visible_to_all": True})
+    page, frame = page_for(2)
+    total = len(visible_to(sandbox, 2))
+    assert total > 500
+    frame.locator(f"tr[data-flow-id]:nth-child({total})").wait_for(timeout=30000)
+    seen: list[str] = []
+    frame.locator("#pin-all").click()
+    progress = frame.locator("#progress")
+    progress.wait_for(timeout=5000)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        text = progress.inner_text()
+        seen.append(text)
+        if re.fullmatch(r"\d+ flows? pinned", text):
+            break
+        time.sleep(0.1)
+    assert seen[-1] == f"{total} flows pinned", seen[-5:]
+    steps = [s for s in seen if re.fullmatch(rf"Pinning \d+ of {total}…", s)]
+    assert steps, seen[:5]  # the progress line counted settled flows as they came back
+    assert portal_pins(sandbox, 2) == set(visible_to(sandbox, 2))
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "flows-pin-all.png"), full_page=False)
+
+
+def test_pin_all_names_the_flows_that_failed_and_why(page_for: Any, sandbox: Any) -> None:
+    page, frame = page_for(2)
+    _loaded(frame)
+    names = dict(
+        zip(
+            (
+                int(i)
+                for i in frame.locator("tr[data-flow-id]").evaluate_all(
+                    "rs => rs.map(r => r.dataset.flowId)"
+                )
+            ),
+            frame.locator("td.name").all_inner_texts(),
+            strict=True,
+        )
+    )
+    _wait_for_list_refreshes()
+    lost = sorted(names)[:2]
+    for flow_id in lost:  # user 2 can no longer see them; the open page still shows them
+        sb(sandbox, "p/alpha/flow", {"id": flow_id, "access": ["U3"]})
+    frame.locator("#pin-all").click()
+    summary = _summary(frame, r".* failed: .*", 60)
+    first, second = (names[i] for i in lost)
+    assert summary in (
+        f"{len(names) - 2} flows pinned; 2 flows failed: "
+        f"You can no longer see this flow. ({a}, {b})"
+        for a, b in ((first, second), (second, first))
+    ), summary
+    assert portal_pins(sandbox, 2) == set(names) - set(lost)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "flows-pin-all-failed.png"), full_page=False)

@@ -28,3 +28,12 @@ def test_every_message_is_translated_and_compiled() -> None:
         compiled = gettext.GNUTranslations(mo)
     stale = [msgid for msgid, msgstr in pairs if compiled.gettext(msgid) != msgstr]
     assert stale == [], "run msgfmt: the .mo does not match the .po"
+
+
+def test_every_plural_message_has_all_its_russian_forms() -> None:
+    po = (LOCALE / "django.po").read_text(encoding="utf-8")
+    plural_entries = re.findall(r"^msgid_plural .*\n((?:msgstr\[\d\] .*\n)+)", po, re.M)
+    assert plural_entries
+    for forms in plural_entries:
+        assert len(re.findall(r"^msgstr\[\d\]", forms, re.M)) == 4  # nplurals=4
+        assert 'msgstr[0] ""' not in forms and '] ""\n' not in forms

@@ -219,6 +219,29 @@ def test_reset_config_and_pins_control(sb: SandboxClient) -> None:
     assert sb.launch()["action"] == "http://127.0.0.1:8123/b24/app/"
 
 
+def test_flow_control_creates_renames_restricts_and_deletes_one_flow(sb: SandboxClient) -> None:
+    token = sb.token(user_id=2)
+
+    def listed() -> dict[int, dict[str, object]]:
+        flows = sb.result("tasks.flow.Flow.list", token, select=["ID", "NAME", "ACTIVE"])
+        return {int(f["id"]): f for f in flows}
+
+    before = listed()
+    created = sb.control("p/alpha/flow", {"name": "Новый <поток>"})["created"]
+    assert created not in before and listed()[created]["name"] == "Новый <поток>"
+    sb.control("p/alpha/flow", {"id": created, "name": "Renamed", "active": False})
+    assert (listed()[created]["name"], listed()[created]["active"]) == ("Renamed", False)
+    sb.control("p/alpha/pins", {"user_id": 2, "flow_ids": [created], "pinned": True})
+    sb.control("p/alpha/flow", {"id": created, "access": ["U3"]})  # user 2 can no longer see it
+    assert created not in listed()
+    assert sb.call("tasks.flow.Flow.pin", token, flowId=created).json()["error"] == "0"
+    sb.control("p/alpha/flow", {"id": created, "delete": True})
+    assert created not in sb.state()["pins"]["2"]
+    assert created not in {f["id"] for f in sb.state()["flows"]}
+    gone = requests.post(f"{sb.url}/_sandbox/p/alpha/flow", json={"id": created}, timeout=10)
+    assert gone.status_code == 404
+
+
 def test_seed_data_shape(sb: SandboxClient) -> None:
     alpha, beta = sb.state("alpha"), sb.state("beta")
     assert alpha["member_id"] != beta["member_id"] and len(alpha["member_id"]) == 32

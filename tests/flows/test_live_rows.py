@@ -1,0 +1,208 @@
+"""The open page keeps itself current: the snapshot's version answers "unchanged" cheaply, a
+page that wants a fresher list gets one queued, flows added by id survive an older list, and a
+Pin all at any size is sent and polled in chunks that fit the request limits."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from django.test import Client
+
+from b24app.bitrix.ratelimit import redis_client
+from b24app.models import Portal
+from flows import services, tasks, views
+from tests.helpers import install, open_app, sb
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+USER = 2
+
+
+def api(client: Client, token: str, method: str, path: str, body: Any = None) -> Any:
+    headers = {"HTTP_X_FLOWPINS_TOKEN": token}
+    if method == "GET":
+        return client.get(path, **headers)
+    return client.post(path, data=json.dumps(body), content_type="application/json", **headers)
+
+
+@pytest.fixture
+def opened(sandbox: Any) -> dict[str, Any]:
+    client = Client()
+    install(client, sandbox)
+    token = open_app(client, sandbox, USER)
+    return {"client": client, "token": token, "portal": Portal.objects.get()}
+
+
+@pytest.fixture
+def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The list refreshes sent to the broker during the test (they are still sent)."""
+    sent: list[dict[str, Any]] = []
+    original = tasks.refresh_snapshot.apply_async
+
+    def spy(*args: Any, **kw: Any) -> Any:
+        sent.append(dict(kw.get("kwargs") or {}))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(tasks.refresh_snapshot, "apply_async", spy)
+    return sent
+
+
+def _age_snapshot(portal: Portal, seconds: float) -> None:
+    """Make the user's snapshot look `seconds` older, as time passing would."""
+    for key in (services._snapshot_key(portal, USER), services._snapshot_meta_key(portal, USER)):
+        data = json.loads(redis_client().get(key))
+        data["fetched_at"] -= seconds
+        redis_client().set(key, json.dumps(data))
+
+
+def _refresh_now(portal: Portal) -> None:
+    """A list refresh landing (what the worker does), run here."""
+    tasks.refresh_snapshot(portal_id=portal.pk, user_id=USER, force=True)
+
+
+def test_rows_since_the_shown_version_answer_unchanged_until_a_refresh_lands(
+    sandbox: Any, opened: dict[str, Any]
+) -> None:
+    client, token, portal = opened["client"], opened["token"], opened["portal"]
+    first = api(client, token, "GET", "/flows/api/rows").json()
+    version = first["version"]
+    assert first["loading"] is False and first["rows"]
+    same = api(client, token, "GET", f"/flows/api/rows?since={version}").json()
+    assert same["unchanged"] is True and "rows" not in same and same["version"] == version
+    created = sb(sandbox, "p/alpha/flow", {"name": "Поток, созданный только что"})["created"]
+    renamed = first["rows"][0]["id"]
+    sb(sandbox, "p/alpha/flow", {"id": renamed, "name": "Новое имя", "active": False})
+    _refresh_now(portal)
+    changed = api(client, token, "GET", f"/flows/api/rows?since={version}").json()
+    assert changed["version"] > version and "unchanged" not in changed
+    by_id = {row["id"]: row for row in changed["rows"]}
+    assert created in by_id
+    assert (by_id[renamed]["name"], by_id[renamed]["active"]) == ("Новое имя", False)
+
+
+def test_a_page_asking_for_a_fresher_list_gets_one_refresh_queued(
+    sandbox: Any, opened: dict[str, Any], enqueued: list[dict[str, Any]]
+) -> None:
+    client, token, portal = opened["client"], opened["token"], opened["portal"]
+    version = api(client, token, "GET", "/flows/api/rows").json()["version"]
+    young = api(client, token, "GET", f"/flows/api/rows?since={version}&max_age=0").json()
+    assert young["refreshing"] is False and enqueued == []  # seconds old: nothing to add
+    _age_snapshot(portal, 40)
+    fine = api(client, token, "GET", f"/flows/api/rows?since={version}&max_age=60").json()
+    assert fine["refreshing"] is False and enqueued == []  # young enough for this page
+    asked = api(client, token, "GET", f"/flows/api/rows?since={version}&max_age=30").json()
+    assert asked["refreshing"] is True and asked["unchanged"] is True
+    again = api(client, token, "GET", f"/flows/api/rows?since={version}&max_age=30").json()
+    assert again["refreshing"] is True
+    assert len(enqueued) == 1  # one refresh in flight, however often the page asks
+
+
+def test_a_page_open_refreshes_any_snapshot_but_one_only_seconds_old(
+    sandbox: Any, opened: dict[str, Any], enqueued: list[dict[str, Any]]
+) -> None:
+    client, portal = opened["client"], opened["portal"]
+    assert open_app(client, sandbox, USER) and enqueued == []  # fetched a moment ago
+    _age_snapshot(portal, tasks.REFRESH_SKIP_SECONDS + 1)  # well under the old 20 s
+    open_app(client, sandbox, USER)
+    assert len(enqueued) == 1
+
+
+def test_a_flow_added_by_id_survives_a_list_fetched_before_the_add(
+    sandbox: Any, opened: dict[str, Any]
+) -> None:
+    client, token, portal = opened["client"], opened["token"], opened["portal"]
+    before = services.snapshot_get(portal, USER)
+    assert before is not None
+    hidden = sb(sandbox, "p/alpha/flow", {"name": "Только по ссылке", "access": ["U2"]})["created"]
+    started = time.time() - 1  # a fetch that asked before the add and lands after it
+    added = api(client, token, "POST", "/flows/api/add", {"flow": f"/flow/{hidden}/"}).json()
+    assert added["flow"]["id"] == hidden and added["version"] > before.version
+    older_list = services.Snapshot(flows=list(before.flows), fetched_at=started, source="list")
+    landed = services._snapshot_put(portal, USER, older_list, started=started)
+    assert hidden in {f["id"] for f in landed.flows} and landed.version > added["version"]
+    newer_list = services.Snapshot(flows=list(before.flows), fetched_at=time.time(), source="list")
+    truth = services._snapshot_put(portal, USER, newer_list, started=time.time())
+    assert hidden not in {f["id"] for f in truth.flows}  # a later list tells the truth
+
+
+def test_status_by_post_names_only_the_asked_flows_and_at_most_a_chunk(
+    sandbox: Any, opened: dict[str, Any]
+) -> None:
+    client, token = opened["client"], opened["token"]
+    rows = api(client, token, "GET", "/flows/api/rows").json()["rows"]
+    first, second = rows[0]["id"], rows[1]["id"]
+    pinned = api(
+        client, token, "POST", "/flows/api/pin", {"flow_ids": [first, second], "pinned": True}
+    )
+    assert pinned.status_code in (202, 503)
+    one = api(client, token, "POST", "/flows/api/status", {"flow_ids": [first]})
+    assert [i["flow_id"] for i in one.json()["intents"]] == [first]
+    assert api(client, token, "POST", "/flows/api/status", {"flow_ids": []}).json() == {
+        "intents": []
+    }
+    too_many = list(range(1, views.MAX_FLOWS_PER_REQUEST + 2))
+    assert (
+        api(client, token, "POST", "/flows/api/status", {"flow_ids": too_many}).status_code == 400
+    )
+    for bad in ({"flow_ids": "1,2"}, {"flow_ids": [True]}, {"flow_ids": [-1]}, ["x"]):
+        assert api(client, token, "POST", "/flows/api/status", bad).status_code == 400
+    legacy = api(client, token, "GET", f"/flows/api/status?ids={second}").json()["intents"]
+    assert [i["flow_id"] for i in legacy] == [second]
+
+
+def test_a_pin_all_of_a_thousand_flows_fits_the_per_user_limits(sandbox: Any) -> None:
+    """Two chunks of 500, then ten rounds of status polls (two chunks each), back to back —
+    faster than the page sends them — and nothing is refused."""
+    client = Client()
+    install(client, sandbox)
+    sb(sandbox, "p/alpha/flows", {"count": 1000, "visible_to_all": True})
+    token = open_app(client, sandbox, USER)
+    ids = [row["id"] for row in api(client, token, "GET", "/flows/api/rows").json()["rows"]]
+    ids = ids[:1000]
+    assert len(ids) == 1000
+    chunk = views.MAX_FLOWS_PER_REQUEST
+    chunks = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
+    too_big = api(client, token, "POST", "/flows/api/pin", {"flow_ids": ids, "pinned": True})
+    assert too_big.status_code == 400  # the API caps a request at 500 ids
+    for part in chunks:
+        answer = api(client, token, "POST", "/flows/api/pin", {"flow_ids": part, "pinned": True})
+        assert answer.status_code in (202, 503), answer.content[:300]
+        assert len(answer.json()["intents"]) == len(part)
+    for _ in range(10):
+        for part in chunks:
+            polled = api(client, token, "POST", "/flows/api/status", {"flow_ids": part})
+            assert polled.status_code == 200, polled.content[:300]
+            assert len(polled.json()["intents"]) == len(part)
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (1, "1 поток закреплён"),
+        (2, "2 потока закреплены"),
+        (5, "5 потоков закреплено"),
+        (11, "11 потоков закреплено"),
+        (21, "21 поток закреплён"),
+        (124, "124 потока закреплены"),
+        (111, "111 потоков закреплено"),
+        (1001, "1001 поток закреплён"),
+    ],
+)
+def test_the_page_script_gets_russian_plural_forms_it_can_pick_from(n: int, expected: str) -> None:
+    """What the page's script does with what the server hands it (it has no ngettext)."""
+    from django.utils import translation
+
+    with translation.override("ru"):
+        plurals = views.plurals_js(
+            {
+                "pinned_n": lambda k: translation.ngettext(
+                    "%(count)s flow pinned", "%(count)s flows pinned", k
+                )
+            }
+        )
+    index = plurals["index"]
+    form = int(index[n] if n < 200 else index[100 + n % 100])
+    assert plurals["forms"]["pinned_n"][form].replace("%(count)s", str(n)) == expected
