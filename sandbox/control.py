@@ -21,6 +21,7 @@ Parameters may come as a JSON body, a form body or a query string. Routes:
                                             new host (old host/path answer 302)
 ``POST /_sandbox/p/NAME/pins``              set pins as if the user clicked in Bitrix24
 ``POST /_sandbox/p/NAME/flows``             generate many flows (benchmarks)
+``POST /_sandbox/p/NAME/users``             add ``count`` ordinary employees (benchmarks)
 ``POST /_sandbox/p/NAME/tokens``            mint a token pair for a user (token-endpoint shape)
 =========================================  =================================================
 
@@ -42,7 +43,7 @@ from urllib.parse import urlencode, urlsplit
 
 from . import events
 from .params import ParamError
-from .state import APP_STATUS, Flow, KnobError, Portal, SandboxState, Task, iso
+from .state import APP_STATUS, Flow, KnobError, Portal, SandboxState, Task, User, iso
 from .wire import Reply, Request
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
@@ -213,6 +214,19 @@ def _set_pins(state: SandboxState, portal: Portal, params: Mapping[str, Any]) ->
     return {"user_id": user_id, "pinned": portal.pinned(user_id)}
 
 
+def _generate_users(
+    state: SandboxState, portal: Portal, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Ordinary employees (department 1, not admins), numbered after the last user."""
+    count = _int_param(params, "count", 100)
+    if not 0 <= count <= 5000:
+        raise ControlError(400, "count must be within 0..5000")
+    first = max(portal.users) + 1
+    for uid in range(first, first + count):
+        portal.users[uid] = User(uid, "Bench", f"User {uid}", departments=[1])
+    return {"users": list(range(first, first + count))}
+
+
 def _generate_flows(
     state: SandboxState, portal: Portal, params: Mapping[str, Any]
 ) -> dict[str, Any]:
@@ -332,6 +346,7 @@ _PORTAL_ACTIONS: dict[str, PortalAction] = {
     "rename": _rename,
     "pins": _set_pins,
     "flows": _generate_flows,
+    "users": _generate_users,
     "tokens": _tokens,
     "launch": build_launch,
 }
