@@ -32,7 +32,7 @@ from django.http import HttpRequest, QueryDict
 from b24app import services
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
-from b24app.models import Portal
+from b24app.models import Portal, PortalUser
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class VerifiedFrame:
     placement: str
     placement_options: dict[str, Any] = field(default_factory=dict)
     portal: Portal | None = None  # the stored portal, when there is one
+    user: PortalUser | None = None  # the stored row of the frame's user (tokens deferred)
 
     @property
     def user_id(self) -> int:
@@ -155,6 +156,20 @@ def require_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) 
         )
 
 
+def stored_portal_and_user(member_id: str, user_id: int) -> tuple[Portal | None, PortalUser | None]:
+    """The stored portal and the row of its user, in one query for a user seen before (every
+    reopen); a second one finds the portal of a user who has never opened the app."""
+    user = (
+        PortalUser.objects.select_related("portal")
+        .defer("access_token", "refresh_token")
+        .filter(portal__member_id=member_id, user_id=user_id)
+        .first()
+    )
+    if user is not None:
+        return user.portal, user
+    return Portal.objects.filter(member_id=member_id).first(), None
+
+
 def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFrame:
     """Check an install or app POST, as Bitrix24 sends it to the iframe."""
     data = request.POST
@@ -193,7 +208,8 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         # The frame's parent is not where the cached answer puts the portal: a rename, most
         # likely. Ask Bitrix24 again rather than trust the cache (or the header).
         info = vouch_for_token(server_endpoint, access_token, member_id, fresh=True)
-    portal = Portal.objects.filter(member_id=info.member_id).first()
+    assert info.user_id is not None  # vouch_for_token refuses an answer without one
+    portal, user = stored_portal_and_user(info.member_id, info.user_id)
     if installing:
         require_admin(info, server_endpoint, access_token)
     if portal is not None and portal.is_active and portal.application_token and not installing:
@@ -211,6 +227,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         )
     return VerifiedFrame(
         portal=portal,
+        user=user,
         info=info,
         server_endpoint=server_endpoint,
         access_token=access_token,

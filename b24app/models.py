@@ -64,6 +64,9 @@ class PortalUser(models.Model):
     expires_at = models.DateTimeField(null=True, blank=True)
     # Bumped on every token save: "is this still the pair that failed?" without comparing secrets.
     token_version = models.PositiveIntegerField(default=0)
+    # A keyed digest (HMAC with SECRET_KEY) of the stored pair, "" when unknown: a reopen that
+    # brings the same pair writes nothing. Never a token itself, and useless without the key.
+    token_digest = models.CharField(max_length=64, blank=True, default="")
     state = models.CharField(max_length=20, choices=State.choices, default=State.ACTIVE)
     state_reason = models.CharField(max_length=300, blank=True, default="")
     is_admin = models.BooleanField(default=False)

@@ -17,6 +17,7 @@ from django.db import models, transaction
 from django.db.models import F
 from django.dispatch import Signal
 from django.utils import timezone
+from django.utils.crypto import salted_hmac
 
 from b24app.bitrix import oauth
 from b24app.bitrix.client import BatchResult, CallRecord, PortalClient
@@ -163,6 +164,20 @@ def portal_follow_endpoint(portal: Portal, info: oauth.AppInfo) -> Portal:
 # --- users' tokens ----------------------------------------------------------------------------
 
 
+# A reopen with an unchanged pair writes nothing, except last_seen_at once this much has passed
+# (it only tells which chains sit idle for months: see keep_idle_tokens_alive).
+LAST_SEEN_EVERY = timedelta(hours=1)
+
+
+def token_pair_digest(access_token: str, refresh_token: str) -> str:
+    """A keyed digest of a token pair, to tell "the same pair again" without storing or
+    comparing secrets in the clear; "" unless both tokens are known."""
+    if not access_token or not refresh_token:
+        return ""
+    pair = f"{access_token}\x00{refresh_token}"
+    return salted_hmac("flowpins.token-pair", pair, algorithm="sha256").hexdigest()
+
+
 def _expiry(seconds: float) -> datetime:
     return timezone.now() + timedelta(seconds=max(0.0, seconds))
 
@@ -176,14 +191,32 @@ def user_tokens_store(
     expires_in: float,
     language: str = "",
     is_admin: bool | None = None,
+    stored: PortalUser | None = None,
 ) -> PortalUser:
     """Keep the tokens a frame or event brought for this (portal, user).
 
-    One UPDATE for a known user (every page open comes here); a new user is created first.
-    The refresh path holds the row lock while it saves; this UPDATE simply waits for it, and
-    whichever pair is written last is a live one (a user may hold several token chains).
+    `stored`: the user's row as just read (tokens deferred), when the caller has it. If it
+    already holds this very pair (its digest), is active and needs no other change, nothing
+    is written: that is every reopen within an access token's hour. Otherwise one UPDATE for
+    a known user (a new user is created first). The refresh path holds the row lock while it
+    saves; this UPDATE simply waits for it, and whichever pair is written last is a live one
+    (a user may hold several token chains).
     """
-    changes: dict[str, Any] = {"last_seen_at": timezone.now()}
+    digest = token_pair_digest(access_token, refresh_token)
+    now = timezone.now()
+    if (
+        stored is not None
+        and digest
+        and stored.portal_id == portal.pk
+        and stored.user_id == user_id
+        and stored.state == PortalUser.State.ACTIVE
+        and hmac.compare_digest(stored.token_digest, digest)
+        and (not language or language == stored.language)
+        and (is_admin is None or is_admin == stored.is_admin)
+        and stored.last_seen_at > now - LAST_SEEN_EVERY
+    ):
+        return stored
+    changes: dict[str, Any] = {"last_seen_at": now}
     if access_token:
         changes.update(
             access_token=access_token,
@@ -191,6 +224,8 @@ def user_tokens_store(
             token_version=F("token_version") + 1,
             state=PortalUser.State.ACTIVE,
             state_reason="",
+            # Without a refresh token the stored one stays: the pair is then not known whole.
+            token_digest=digest,
         )
         if refresh_token:
             changes["refresh_token"] = refresh_token
@@ -217,6 +252,7 @@ def mark_user_needs_reopen(user_pk: int, reason: str) -> None:
         state_reason=reason[:300],
         access_token="",
         refresh_token="",
+        token_digest="",
         expires_at=None,
     )
 
@@ -271,6 +307,7 @@ def refresh_user_token(
             if not mismatch:
                 user.access_token = tokens.access_token
                 user.refresh_token = tokens.refresh_token
+                user.token_digest = token_pair_digest(tokens.access_token, tokens.refresh_token)
                 user.expires_at = datetime.fromtimestamp(tokens.expires_at, tz=UTC)
                 user.token_version += 1
                 user.refreshed_at = timezone.now()
@@ -278,6 +315,7 @@ def refresh_user_token(
                     update_fields=[
                         "access_token",
                         "refresh_token",
+                        "token_digest",
                         "expires_at",
                         "token_version",
                         "refreshed_at",
@@ -460,6 +498,7 @@ def portal_uninstall(portal: Portal, *, clean: bool) -> None:
         PortalUser.objects.filter(portal=portal).update(
             access_token="",
             refresh_token="",
+            token_digest="",
             expires_at=None,
             state=PortalUser.State.NEEDS_REOPEN,
             state_reason="the app was uninstalled",

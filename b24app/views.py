@@ -107,6 +107,7 @@ def _store_frame_tokens(
         expires_in=verified.expires_in,
         language=verified.lang,
         is_admin=is_admin,
+        stored=verified.user,
     )
 
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Value
 from django.utils import timezone
 from redis.exceptions import RedisError, WatchError
@@ -320,34 +320,86 @@ def flow_add_by_id(
 # --- intents ----------------------------------------------------------------------------------
 
 
+class NotRecorded(Exception):
+    """A click recorded nothing: some flow is not known on the portal, the portal is not active
+    or the user never opened the app. The caller finds out which (the rare, slow path)."""
+
+
+def _pin_upsert_sql(count: int) -> str:
+    qn = connection.ops.quote_name
+    intent, flow = qn(PinIntent._meta.db_table), qn(Flow._meta.db_table)
+    portal, user = qn(Portal._meta.db_table), qn(PortalUser._meta.db_table)
+    ids = ", ".join(["(%s)"] * count)
+    # Unless told to record anything (the first parameter): every row or none, and only when
+    # each flow named is known on the portal and the portal is active with this user in it.
+    # New rows start at seq 1 (created, then clicked). Only our own table names and
+    # placeholders go into the text; every value is a parameter.
+    return f"""
+        WITH ids (flow_id) AS (VALUES {ids})
+        INSERT INTO {intent} (portal_id, user_id, flow_id, desired, seq, observed, observed_at,
+                              status, problem, toggles, created_at, updated_at)
+        SELECT %s, %s, ids.flow_id, %s, 1, NULL, NULL, %s, '', 0, %s, %s
+        FROM ids
+        WHERE %s OR (
+            (SELECT COUNT(*) FROM {flow} k
+             WHERE k.portal_id = %s AND k.flow_id IN (SELECT flow_id FROM ids)) = %s
+            AND EXISTS (SELECT 1 FROM {user} u JOIN {portal} p ON p.id = u.portal_id
+                        WHERE u.portal_id = %s AND u.user_id = %s AND p.state = %s)
+        )
+        ON CONFLICT (portal_id, user_id, flow_id) DO UPDATE SET
+            desired = excluded.desired, seq = {intent}.seq + 1, toggles = 0, problem = '',
+            status = excluded.status, updated_at = excluded.updated_at
+        RETURNING id, flow_id, desired, seq, observed, status, problem
+    """  # noqa: S608
+
+
 def pin_intent_set(
-    portal: Portal, user_id: int, flow_ids: list[int], desired: bool
+    portal: Portal | int,
+    user_id: int,
+    flow_ids: list[int],
+    desired: bool,
+    *,
+    known_only: bool = False,
 ) -> list[PinIntent]:
     """Record the user's click(s): the latest intent wins. Returns the intents.
 
-    Three statements however many flows ("Pin all" may name hundreds): create the missing rows,
-    then set the intent on all of them in one UPDATE.
+    One statement however many flows ("Pin all" may name hundreds), in its own transaction:
+    create the missing rows and set the intent on the others. `known_only` (a click): only if
+    every flow is known on the portal, the portal is active and the user has opened the app —
+    else nothing is written and NotRecorded raised.
     """
-    with transaction.atomic():
-        PinIntent.objects.bulk_create(
-            [
-                PinIntent(portal=portal, user_id=user_id, flow_id=fid, desired=desired)
-                for fid in flow_ids
-            ],
-            ignore_conflicts=True,
-        )
-        # Always pending, even when desired equals the last answer: a toggle of an earlier
-        # click may still be on its way to the portal, and only the converger (under the
-        # user's lock) knows. It marks the intent done without a call when nothing is.
-        PinIntent.objects.filter(portal=portal, user_id=user_id, flow_id__in=flow_ids).update(
-            desired=desired,
-            seq=F("seq") + 1,
+    portal_id = portal if isinstance(portal, int) else portal.pk
+    flow_ids = list(dict.fromkeys(flow_ids))
+    now = timezone.now()
+    params: list[Any] = [
+        *flow_ids,
+        portal_id, user_id, desired, PinIntent.Status.PENDING, now, now,
+        not known_only, portal_id, len(flow_ids), portal_id, user_id, Portal.State.ACTIVE,
+    ]  # fmt: skip
+    with connection.cursor() as cursor:
+        cursor.execute(_pin_upsert_sql(len(flow_ids)), params)
+        rows = cursor.fetchall()
+    if len(rows) != len(flow_ids):
+        raise NotRecorded()
+    # Always pending, even when desired equals the last answer: a toggle of an earlier click
+    # may still be on its way to the portal, and only the converger (under the user's lock)
+    # knows. It marks the intent done without a call when nothing is.
+    return [
+        PinIntent(
+            pk=pk,
+            portal_id=portal_id,
+            user_id=user_id,
+            flow_id=flow_id,
+            desired=bool(want),
+            seq=seq,
+            observed=None if seen is None else bool(seen),
+            status=status,
+            problem=problem,
             toggles=0,
-            problem="",
-            status=PinIntent.Status.PENDING,
-            updated_at=timezone.now(),
+            updated_at=now,
         )
-        return list(PinIntent.objects.filter(portal=portal, user_id=user_id, flow_id__in=flow_ids))
+        for pk, flow_id, want, seq, seen, status, problem in rows
+    ]
 
 
 # At most this many of one user's intents wait at a time: far above any real portal's flows,
@@ -359,17 +411,21 @@ class TooMuchPending(Exception):
     """The user already has MAX_PENDING_PER_USER pins waiting."""
 
 
-def unknown_flows(portal: Portal, flow_ids: list[int]) -> list[int]:
+def unknown_flows(portal: Portal | int, flow_ids: list[int]) -> list[int]:
     """The ids among `flow_ids` this portal was never seen to have (by a list or an add)."""
+    portal_id = portal if isinstance(portal, int) else portal.pk
     known = set(
-        Flow.objects.filter(portal=portal, flow_id__in=flow_ids).values_list("flow_id", flat=True)
+        Flow.objects.filter(portal_id=portal_id, flow_id__in=flow_ids).values_list(
+            "flow_id", flat=True
+        )
     )
     return [fid for fid in flow_ids if fid not in known]
 
 
-def check_pending_room(portal: Portal, user_id: int, adding: int) -> None:
+def check_pending_room(portal: Portal | int, user_id: int, adding: int) -> None:
+    portal_id = portal if isinstance(portal, int) else portal.pk
     pending = PinIntent.objects.filter(
-        portal=portal, user_id=user_id, status=PinIntent.Status.PENDING
+        portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
     ).count()
     if pending + adding > MAX_PENDING_PER_USER:
         raise TooMuchPending(pending)

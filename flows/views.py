@@ -12,6 +12,7 @@ import logging
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
@@ -53,7 +54,15 @@ class PageAuthError(Exception):
         self.message = message
 
 
-def page_auth(request: HttpRequest) -> tuple[Portal, PortalUser]:
+@dataclass(frozen=True)
+class PageClaims:
+    """Who the signed page token speaks for, checked by its signature alone (no query)."""
+
+    portal_id: int
+    user_id: int
+
+
+def page_claims(request: HttpRequest) -> PageClaims:
     raw = request.META.get(TOKEN_HEADER, "")
     if not raw:
         raise PageAuthError(401, _("Please reopen the app from Bitrix24."))
@@ -64,11 +73,19 @@ def page_auth(request: HttpRequest) -> tuple[Portal, PortalUser]:
     except signing.BadSignature:
         raise PageAuthError(403, _("This request was not issued by the app.")) from None
     translation.activate(data.get("l") or "en")
+    portal_id, user_id = data.get("p"), data.get("u")
+    if not isinstance(portal_id, int) or not isinstance(user_id, int):
+        raise PageAuthError(403, _("This request was not issued by the app."))
+    return PageClaims(portal_id, user_id)
+
+
+def page_auth(request: HttpRequest) -> tuple[Portal, PortalUser]:
+    claims = page_claims(request)
     # One query, and no token decrypted: the endpoints behind this need neither.
     user = (
         PortalUser.objects.select_related("portal")
         .defer("access_token", "refresh_token", "portal__application_token")
-        .filter(portal_id=data.get("p"), user_id=data.get("u"))
+        .filter(portal_id=claims.portal_id, user_id=claims.user_id)
         .first()
     )
     if user is None or not user.portal.is_active:
@@ -109,16 +126,24 @@ def _over_limit(key: str, rate: float, burst: int) -> float:
         return 0.0
 
 
-def _api(view: Any) -> Any:
+def _api(view: Any, *, lookup: bool = True) -> Any:
+    """The JSON endpoints' common frame: the page token, the per-user limit, and errors in
+    words. `lookup=False`: the view gets the token's claims and checks the portal itself."""
     rate, burst = API_LIMITS[view.__name__]
 
     @csrf_exempt  # authenticated by the signed page token in a header, not by a cookie
     def wrapped(request: HttpRequest) -> HttpResponse:
         try:
-            portal, user = page_auth(request)
-            if wait := _over_limit(f"api:{view.__name__}:{portal.pk}:{user.user_id}", rate, burst):
+            who: list[Any]
+            if lookup:
+                portal, user = page_auth(request)
+                key, who = f"{portal.pk}:{user.user_id}", [portal, user]
+            else:
+                claims = page_claims(request)
+                key, who = f"{claims.portal_id}:{claims.user_id}", [claims]
+            if wait := _over_limit(f"api:{view.__name__}:{key}", rate, burst):
                 return _too_many(wait)
-            response: HttpResponse = view(request, portal, user)
+            response: HttpResponse = view(request, *who)
             return response
         except PageAuthError as exc:
             return JsonResponse({"error": exc.message}, status=exc.status)
@@ -130,6 +155,10 @@ def _api(view: Any) -> Any:
 
     wrapped.__name__ = view.__name__
     return wrapped
+
+
+def _api_claims(view: Any) -> Any:
+    return _api(view, lookup=False)
 
 
 # --- presenting intents -----------------------------------------------------------------------
@@ -299,9 +328,13 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
 
 
 @require_POST
-@_api
-def pin(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
-    """Record the click and answer at once; a Celery task converges the portal to it."""
+@_api_claims
+def pin(request: HttpRequest, claims: PageClaims) -> HttpResponse:
+    """Record the click and answer at once; a Celery task converges the portal to it.
+
+    The hot path is one statement (services.pin_intent_set: known flows only, active portal,
+    known user) and a look at the user's queued marker; the reason a click was refused is
+    looked up only when it was."""
     body = _json_body(request)
     raw_ids = body.get("flow_ids", [body.get("flow_id")])
     desired = body.get("pinned")
@@ -312,30 +345,24 @@ def pin(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
     if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids):
         return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
     flow_ids = list(dict.fromkeys(raw_ids))
-    unknown = services.unknown_flows(portal, flow_ids)
-    if unknown:
-        return JsonResponse(
-            {
-                "error": _("These flows are not known on your portal: %(ids)s.")
-                % {"ids": ", ".join(str(i) for i in unknown[:10])},
-                "unknown": unknown[:100],
-            },
-            status=400,
-        )
+    portal_id, user_id = claims.portal_id, claims.user_id
     try:
         if len(flow_ids) > 1:  # a single click cannot push the count far (and is the hot path)
-            services.check_pending_room(portal, user.user_id, len(flow_ids))
+            services.check_pending_room(portal_id, user_id, len(flow_ids))
     except services.TooMuchPending:
         return JsonResponse(
             {"error": _("Too many of your pins are still waiting; try again when they are done.")},
             status=429,
         )
-    intents = services.pin_intent_set(portal, user.user_id, flow_ids, desired)
+    try:
+        intents = services.pin_intent_set(portal_id, user_id, flow_ids, desired, known_only=True)
+    except services.NotRecorded:
+        return _not_recorded(request, portal_id, flow_ids)
     if any(i.status == PinIntent.Status.PENDING for i in intents):
         try:
-            tasks.enqueue_converge(portal.pk, user.user_id)
+            tasks.enqueue_converge(portal_id, user_id)
         except Exception:
-            log.warning("could not queue pin work for portal %s", portal.member_id)
+            log.warning("could not queue pin work for portal %s", portal_id)
             return JsonResponse(
                 {
                     "error": _(
@@ -347,6 +374,24 @@ def pin(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
                 status=503,
             )
     return JsonResponse({"intents": [intent_json(i) for i in intents]}, status=202)
+
+
+def _not_recorded(request: HttpRequest, portal_id: int, flow_ids: list[int]) -> HttpResponse:
+    """Why a click recorded nothing, in words: the portal or user is gone (page_auth says so),
+    or some flow is not known on the portal."""
+    page_auth(request)
+    unknown = services.unknown_flows(portal_id, flow_ids)
+    if unknown:
+        return JsonResponse(
+            {
+                "error": _("These flows are not known on your portal: %(ids)s.")
+                % {"ids": ", ".join(str(i) for i in unknown[:10])},
+                "unknown": unknown[:100],
+            },
+            status=400,
+        )
+    # Every check passes now: the portal learnt the flows, or the user opened the app, meanwhile.
+    return JsonResponse({"error": _("Your click was not saved; please try again.")}, status=409)
 
 
 @require_http_methods(["GET", "POST"])

@@ -25,6 +25,7 @@ Parameters may come as a JSON body, a form body or a query string. Routes:
                                             ``active``, ``efficiency``, ``access``) or delete
                                             (``"delete": true``) the flow ``id``, as a user
                                             editing flows in Bitrix24 would
+``POST /_sandbox/p/NAME/users``             add ``count`` ordinary employees (benchmarks)
 ``POST /_sandbox/p/NAME/tokens``            mint a token pair for a user (token-endpoint shape)
 =========================================  =================================================
 
@@ -46,7 +47,7 @@ from urllib.parse import urlencode, urlsplit
 
 from . import events
 from .params import ParamError
-from .state import APP_STATUS, Flow, KnobError, Portal, SandboxState, Task, iso
+from .state import APP_STATUS, Flow, KnobError, Portal, SandboxState, Task, User, iso
 from .wire import Reply, Request
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")
@@ -215,6 +216,19 @@ def _set_pins(state: SandboxState, portal: Portal, params: Mapping[str, Any]) ->
             pins.discard(fid)
         state.record_pin(portal, user_id, fid, pinned, "portal")
     return {"user_id": user_id, "pinned": portal.pinned(user_id)}
+
+
+def _generate_users(
+    state: SandboxState, portal: Portal, params: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Ordinary employees (department 1, not admins), numbered after the last user."""
+    count = _int_param(params, "count", 100)
+    if not 0 <= count <= 5000:
+        raise ControlError(400, "count must be within 0..5000")
+    first = max(portal.users) + 1
+    for uid in range(first, first + count):
+        portal.users[uid] = User(uid, "Bench", f"User {uid}", departments=[1])
+    return {"users": list(range(first, first + count))}
 
 
 def _generate_flows(
@@ -389,6 +403,7 @@ _PORTAL_ACTIONS: dict[str, PortalAction] = {
     "pins": _set_pins,
     "flows": _generate_flows,
     "flow": _edit_flow,
+    "users": _generate_users,
     "tokens": _tokens,
     "launch": build_launch,
 }
