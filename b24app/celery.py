@@ -60,6 +60,16 @@ def _filter_worker_log_handlers(logger: logging.Logger, **kwargs: Any) -> None:
             handler.addFilter(RedactSecretsFilter())
 
 
+def _yield_cpu_to_the_web(**kwargs: Any) -> None:
+    """Where web and workers share cores, the web answers clicks first: a click's answer is what
+    a person waits for, its convergence can take the CPU that is left (FLOWPINS_WORKER_NICE)."""
+    from django.conf import settings
+
+    if settings.FLOWPINS_WORKER_NICE > 0:
+        os.nice(settings.FLOWPINS_WORKER_NICE)
+
+
 signals.worker_init.connect(_refuse_unreadable_tokens)
+signals.worker_init.connect(_yield_cpu_to_the_web)
 signals.after_setup_logger.connect(_filter_worker_log_handlers)
 signals.after_setup_task_logger.connect(_filter_worker_log_handlers)

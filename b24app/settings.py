@@ -165,6 +165,9 @@ B24_CALL_LOG_DAYS: int = env.int("B24_CALL_LOG_DAYS", default=7)
 
 # Settled pin intents (done or failed) are kept this many days; a pinned flow's row stays.
 FLOWPINS_INTENT_DAYS: int = env.int("FLOWPINS_INTENT_DAYS", default=30)
+# Celery workers lower their CPU priority by this much (nice; 0: leave it): where web and
+# workers share cores, a click is answered first and convergence takes what is left.
+FLOWPINS_WORKER_NICE: int = env.int("FLOWPINS_WORKER_NICE", default=10)
 # How long the signed token in a rendered page stays valid for that page's own requests.
 FLOWPINS_PAGE_TOKEN_SECONDS: int = env.int("FLOWPINS_PAGE_TOKEN_SECONDS", default=4 * 3600)
 # The BX24 JS library (fitWindow, installFinish). Empty: do not load it (tests, offline demos).

@@ -154,9 +154,11 @@ def celery_worker_process(
     try:
         _wait_for_worker(proc, log)
         WORKER["running"] = True  # from now on a worker, not the test, runs queued jobs
+        WORKER["proc"] = proc
         yield proc
     finally:
         WORKER["running"] = False
+        WORKER["proc"] = None
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -76,8 +76,9 @@ def open_page(
     return response
 
 
-# Set by the session's Celery worker fixture once a real worker consumes the queue.
-WORKER: dict[str, bool] = {"running": False}
+# Set by the session's Celery worker fixture once a real worker consumes the queue ("proc": its
+# process, so a test with a private stack can pause it).
+WORKER: dict[str, Any] = {"running": False, "proc": None}
 
 
 def wait_for_flow_list(member_id: str, user_id: int, seconds: float = 30) -> None:

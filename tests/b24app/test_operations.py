@@ -50,3 +50,17 @@ def test_the_portals_command_reports_state_and_rest_health(sandbox: Any) -> None
     assert "needs_reinstall" in text and "PAYMENT_REQUIRED" in text
     line = next(row for row in text.splitlines() if state(sandbox)["domain"] in row)
     assert " 1 " in line  # the installer's batch call is counted
+
+
+@pytest.mark.services
+def test_a_worker_yields_the_cpu_to_the_web(celery_worker_process: Any) -> None:
+    """Web and workers on the same cores: a click is answered first, convergence takes what is
+    left — the worker runs FLOWPINS_WORKER_NICE below the process that started it."""
+    import os
+
+    from django.conf import settings
+
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    worker = os.getpriority(os.PRIO_PROCESS, celery_worker_process.pid)
+    assert settings.FLOWPINS_WORKER_NICE == 10
+    assert worker - ours == min(settings.FLOWPINS_WORKER_NICE, 19 - ours)

@@ -6,6 +6,7 @@ kills a worker or restarts the broker must not touch either.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.stack import RedisServer, start_web, start_worker, stop
+from tests.helpers import WORKER, settle_background_work
 
 
 @dataclass
@@ -68,12 +70,28 @@ def private_stack(
     _private_web: tuple[dict[str, str], str, Path],
     tmp_path: Path,
 ) -> Iterator[PrivateStack]:
-    """A clean private Redis, the private web process, and a way to start workers on them."""
+    """A clean private Redis, the private web process, and a way to start workers on them.
+
+    The session's shared worker is paused meanwhile: it shares the database, and its sweep
+    (every minute) would start runs for this test's pending pins under locks kept in the shared
+    Redis — two runs converging one user at once, which no real deployment has. Queued jobs run
+    in-process meanwhile (`WORKER["running"]` off), as without a worker.
+    """
     if _private_redis.proc is None or _private_redis.proc.poll() is not None:
         _private_redis.start()  # an earlier test left it down
     _private_redis.flush()
     env, base, web_log = _private_web
     stack = PrivateStack(_private_redis, env, base, web_log, tmp_path)
-    yield stack
-    for proc in stack.workers:
-        stop(proc, signal.SIGTERM)
+    shared = WORKER["proc"] if WORKER["running"] else None
+    if shared is not None:
+        settle_background_work()  # not stopped in the middle of a job
+        os.killpg(shared.pid, signal.SIGSTOP)
+        WORKER["running"] = False
+    try:
+        yield stack
+    finally:
+        for proc in stack.workers:
+            stop(proc, signal.SIGTERM)
+        if shared is not None:
+            os.killpg(shared.pid, signal.SIGCONT)
+            WORKER["running"] = True
