@@ -23,12 +23,14 @@ import hmac
 import json
 import logging
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db import connection
 from django.db.models import Model
 from django.http import HttpRequest, QueryDict
@@ -36,6 +38,7 @@ from django.http import HttpRequest, QueryDict
 from b24app import services
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
+from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,54 @@ def _field(data: QueryDict, name: str, *, required: bool = True, limit: int = 20
     return value
 
 
+class _Vouched:
+    """What the OAuth server's app.info said of a token, trusted until B24_VERIFY_CACHE_SECONDS
+    after it said it: kept in Redis for every process (as JSON), and in this process's memory in
+    front of it, never past the same moment. A reopen within that time then costs no round
+    trip; `fresh` asks Bitrix24 again and replaces both."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._local: OrderedDict[str, tuple[float, oauth.AppInfo]] = OrderedDict()
+
+    def get(self, key: str) -> oauth.AppInfo | None:
+        now = time.time()
+        with self._lock:
+            found = self._local.get(key)
+        if found is not None and found[0] > now:
+            return found[1]
+        raw = redis_client().get(key)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            until, info = float(data["until"]), oauth.AppInfo(**data["info"])
+        except (ValueError, TypeError, KeyError):  # not ours, or an older form: ask again
+            return None
+        if until <= now:
+            return None
+        self._remember(key, until, info)
+        return info
+
+    def put(self, key: str, info: oauth.AppInfo) -> None:
+        seconds = settings.B24_VERIFY_CACHE_SECONDS
+        until = time.time() + seconds
+        redis_client().set(key, json.dumps({"until": until, "info": asdict(info)}), ex=seconds)
+        self._remember(key, until, info)
+
+    def _remember(self, key: str, until: float, info: oauth.AppInfo) -> None:
+        with self._lock:
+            self._local[key] = (until, info)
+            self._local.move_to_end(key)
+            while len(self._local) > self.SIZE:
+                self._local.popitem(last=False)
+
+
+VOUCHED = _Vouched()
+
+
 def vouch_for_token(
     server_endpoint: str, access_token: str, member_id: str, *, fresh: bool = False
 ) -> oauth.AppInfo:
@@ -110,8 +161,8 @@ def vouch_for_token(
     except oauth.UntrustedServer as exc:
         raise Refused(403, f"Refused: {exc.description}.") from None
     key = "fp:verify:" + hashlib.sha256(f"{server_endpoint}|{access_token}".encode()).hexdigest()
-    cached = None if fresh else cache.get(key)
-    if isinstance(cached, oauth.AppInfo):
+    cached = None if fresh else VOUCHED.get(key)
+    if cached is not None:
         info = cached
     else:
         try:
@@ -134,8 +185,8 @@ def vouch_for_token(
         oauth.check_portal_endpoint(info.client_endpoint)
     except oauth.UntrustedServer as exc:
         raise Refused(403, f"Refused: {exc.description}.") from None
-    if not isinstance(cached, oauth.AppInfo):
-        cache.set(key, info, settings.B24_VERIFY_CACHE_SECONDS)
+    if cached is None:
+        VOUCHED.put(key, info)
     return info
 
 
