@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -82,6 +82,7 @@ class VerifiedFrame:
     placement_options: dict[str, Any] = field(default_factory=dict)
     portal: Portal | None = None  # the stored portal, when there is one
     user: PortalUser | None = None  # the stored row of the frame's user (tokens deferred)
+    also: Any = None  # the value of verify_frame_post's `also` (None for a user never seen)
 
     @property
     def user_id(self) -> int:
@@ -112,11 +113,12 @@ class _Vouched:
     SIZE = 4096
 
     def __init__(self) -> None:
+        self.clock = time.time
         self._lock = threading.Lock()
         self._local: OrderedDict[str, tuple[float, oauth.AppInfo]] = OrderedDict()
 
     def get(self, key: str) -> oauth.AppInfo | None:
-        now = time.time()
+        now = self.clock()
         with self._lock:
             found = self._local.get(key)
         if found is not None and found[0] > now:
@@ -136,7 +138,7 @@ class _Vouched:
 
     def put(self, key: str, info: oauth.AppInfo) -> None:
         seconds = settings.B24_VERIFY_CACHE_SECONDS
-        until = time.time() + seconds
+        until = self.clock() + seconds
         redis_client().set(key, json.dumps({"until": until, "info": asdict(info)}), ex=seconds)
         self._remember(key, until, info)
 
@@ -252,37 +254,55 @@ _USER_COLUMNS = _Columns(PortalUser, "u", leave_out=("access_token", "refresh_to
 _PORTAL_COLUMNS = _Columns(Portal, "p")
 
 
+@dataclass(frozen=True)
+class AlsoRead:
+    """One more value a caller wants with the portal and the user, read in the same statement
+    (a reopen then makes one round trip to the database): a scalar SQL expression over the
+    aliases p (the portal) and u (the user), given the database vendor. Only our own names go
+    into it; the value is what the database answers (None for a user never seen)."""
+
+    name: str
+    expression: Callable[[str], str]
+
+
 @functools.cache
-def _portal_and_user_sql(vendor: str) -> str:
+def _portal_and_user_sql(vendor: str, also: AlsoRead | None) -> str:
     """Built once: the ORM would build this text again on every reopen, at about the cost of
     running it."""
     qn = connection.ops.quote_name
     users, portals = qn(PortalUser._meta.db_table), qn(Portal._meta.db_table)
+    extra = f", {also.expression(vendor)}" if also is not None else ""
     return (
-        f"SELECT {_USER_COLUMNS.select()}, {_PORTAL_COLUMNS.select()} "  # noqa: S608 (our names)
+        f"SELECT {_USER_COLUMNS.select()}, {_PORTAL_COLUMNS.select()}{extra} "  # noqa: S608
         f"FROM {users} u INNER JOIN {portals} p ON p.{qn('id')} = u.{qn('portal_id')} "
         f"WHERE p.{qn('member_id')} = %s AND u.{qn('user_id')} = %s"
     )
 
 
-def stored_portal_and_user(member_id: str, user_id: int) -> tuple[Portal | None, PortalUser | None]:
-    """The stored portal and the row of its user (tokens not read), in one query for a user
-    seen before (every reopen); a second one finds the portal of a user who has never opened
-    the app."""
+def stored_portal_and_user(
+    member_id: str, user_id: int, also: AlsoRead | None = None
+) -> tuple[Portal | None, PortalUser | None, Any]:
+    """The stored portal and the row of its user (tokens not read), and `also`'s value, in one
+    query for a user seen before (every reopen); a second one finds the portal of a user who
+    has never opened the app."""
     with connection.cursor() as cursor:
-        cursor.execute(_portal_and_user_sql(connection.vendor), [member_id, user_id])
+        cursor.execute(_portal_and_user_sql(connection.vendor, also), [member_id, user_id])
         row = cursor.fetchone()
     if row is not None:
         split = len(_USER_COLUMNS.fields)
+        end = split + len(_PORTAL_COLUMNS.fields)
         user: PortalUser = _USER_COLUMNS.instance(row[:split])
-        portal: Portal = _PORTAL_COLUMNS.instance(row[split:])
+        portal: Portal = _PORTAL_COLUMNS.instance(row[split:end])
         PortalUser._meta.get_field("portal").set_cached_value(user, portal)
-        return portal, user
-    return Portal.objects.filter(member_id=member_id).first(), None
+        return portal, user, row[end] if also is not None else None
+    return Portal.objects.filter(member_id=member_id).first(), None, None
 
 
-def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFrame:
-    """Check an install or app POST, as Bitrix24 sends it to the iframe."""
+def verify_frame_post(
+    request: HttpRequest, *, installing: bool, also: AlsoRead | None = None
+) -> VerifiedFrame:
+    """Check an install or app POST, as Bitrix24 sends it to the iframe. `also`: a value to
+    read with the stored portal and user (VerifiedFrame.also)."""
     data = request.POST
     member_id = _field(data, "member_id", limit=64)
     access_token = _field(data, "AUTH_ID", limit=512)
@@ -320,7 +340,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         # likely. Ask Bitrix24 again rather than trust the cache (or the header).
         info = vouch_for_token(server_endpoint, access_token, member_id, fresh=True)
     assert info.user_id is not None  # vouch_for_token refuses an answer without one
-    portal, user = stored_portal_and_user(info.member_id, info.user_id)
+    portal, user, also_value = stored_portal_and_user(info.member_id, info.user_id, also)
     if installing:
         require_admin(info, server_endpoint, access_token)
     if portal is not None and portal.is_active and portal.application_token and not installing:
@@ -349,6 +369,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         lang=lang,
         placement=placement,
         placement_options=options,
+        also=also_value,
     )
 
 

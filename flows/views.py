@@ -34,6 +34,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from redis.exceptions import RedisError
 
+from b24app import frame
 from b24app import services as portal_services
 from b24app.bitrix.errors import AccessDenied, TransientError
 from b24app.bitrix.ratelimit import take
@@ -234,6 +235,38 @@ def _intents_by_flow(portal: Portal, user: PortalUser) -> dict[int, IntentState]
             int(flow_id), bool(desired), None if seen is None else bool(seen), status, problem
         )
         for flow_id, desired, seen, status, problem in found
+    }
+
+
+def _intents_expression(vendor: str) -> str:
+    """The user's intents as one JSON text, read with the portal and the user when the app is
+    opened (frame.AlsoRead): [[flow_id, desired, observed, status, problem], ...]."""
+    qn = connection.ops.quote_name
+    columns = ", ".join(
+        f"i.{qn(c)}" for c in ("flow_id", "desired", "observed", "status", "problem")
+    )
+    if vendor == "postgresql":
+        found = f"COALESCE(json_agg(json_build_array({columns})), '[]'::json)::text"
+    elif vendor == "sqlite":
+        found = f"json_group_array(json_array({columns}))"
+    else:  # read on their own (_intents_by_flow)
+        return "NULL"
+    table = qn(PinIntent._meta.db_table)
+    return (
+        f"(SELECT {found} FROM {table} i "  # noqa: S608  (our names only)
+        f"WHERE i.{qn('portal_id')} = p.{qn('id')} AND i.{qn('user_id')} = u.{qn('user_id')})"
+    )
+
+
+PAGE_INTENTS = frame.AlsoRead("intents", _intents_expression)
+
+
+def _intents_from_json(text: str) -> dict[int, IntentState]:
+    return {
+        int(flow_id): IntentState(
+            int(flow_id), bool(desired), None if seen is None else bool(seen), status, problem
+        )
+        for flow_id, desired, seen, status, problem in json.loads(text)
     }
 
 
@@ -454,7 +487,9 @@ def _page_plurals(lang: str) -> dict[str, Any]:
     )
 
 
-def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpResponse:
+def app_page(
+    request: HttpRequest, *, portal: Portal, user: PortalUser, intents_json: str | None = None
+) -> HttpResponse:
     """Render the user's flows at once from the latest snapshot; never wait on the portal here.
 
     The snapshot is refreshed in the background unless it is only seconds old, and the page
@@ -463,7 +498,8 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
 
     What does not depend on the request is kept: the page's HTML per language and state (the
     shell), and the sorted rows per snapshot version; a render reads the snapshot's version,
-    the user's intents, and fills in the user's values.
+    the user's intents, and fills in the user's values. `intents_json`: the user's intents as
+    read with the portal and the user (PAGE_INTENTS), when they were.
     """
     status = services.snapshot_status(portal, user.user_id)
     rows = _sorted_rows(portal, user.user_id, status.meta) if status.exists else None
@@ -473,7 +509,10 @@ def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpR
             tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
         except Exception:  # the broker is down: what there is is still worth showing
             log.warning("could not queue a snapshot refresh")
-    intents = _intents_by_flow(portal, user)
+    if intents_json is not None:
+        intents = _intents_from_json(intents_json)
+    else:
+        intents = _intents_by_flow(portal, user)
     lang = translation.get_language() or "en"
     problem = status.problem if loading and status.problem in _KNOWN_PROBLEMS else ""
     page_js = {
