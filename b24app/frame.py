@@ -17,21 +17,28 @@ Who may do what, and how it is checked:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
+from django.db import connection
+from django.db.models import Model
 from django.http import HttpRequest, QueryDict
 
 from b24app import services
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
+from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
 
 log = logging.getLogger(__name__)
@@ -75,6 +82,7 @@ class VerifiedFrame:
     placement_options: dict[str, Any] = field(default_factory=dict)
     portal: Portal | None = None  # the stored portal, when there is one
     user: PortalUser | None = None  # the stored row of the frame's user (tokens deferred)
+    also: Any = None  # the value of verify_frame_post's `also` (None for a user never seen)
 
     @property
     def user_id(self) -> int:
@@ -96,6 +104,55 @@ def _field(data: QueryDict, name: str, *, required: bool = True, limit: int = 20
     return value
 
 
+class _Vouched:
+    """What the OAuth server's app.info said of a token, trusted until B24_VERIFY_CACHE_SECONDS
+    after it said it: kept in Redis for every process (as JSON), and in this process's memory in
+    front of it, never past the same moment. A reopen within that time then costs no round
+    trip; `fresh` asks Bitrix24 again and replaces both."""
+
+    SIZE = 4096
+
+    def __init__(self) -> None:
+        self.clock = time.time
+        self._lock = threading.Lock()
+        self._local: OrderedDict[str, tuple[float, oauth.AppInfo]] = OrderedDict()
+
+    def get(self, key: str) -> oauth.AppInfo | None:
+        now = self.clock()
+        with self._lock:
+            found = self._local.get(key)
+        if found is not None and found[0] > now:
+            return found[1]
+        raw = redis_client().get(key)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            until, info = float(data["until"]), oauth.AppInfo(**data["info"])
+        except (ValueError, TypeError, KeyError):  # not ours, or an older form: ask again
+            return None
+        if until <= now:
+            return None
+        self._remember(key, until, info)
+        return info
+
+    def put(self, key: str, info: oauth.AppInfo) -> None:
+        seconds = settings.B24_VERIFY_CACHE_SECONDS
+        until = self.clock() + seconds
+        redis_client().set(key, json.dumps({"until": until, "info": asdict(info)}), ex=seconds)
+        self._remember(key, until, info)
+
+    def _remember(self, key: str, until: float, info: oauth.AppInfo) -> None:
+        with self._lock:
+            self._local[key] = (until, info)
+            self._local.move_to_end(key)
+            while len(self._local) > self.SIZE:
+                self._local.popitem(last=False)
+
+
+VOUCHED = _Vouched()
+
+
 def vouch_for_token(
     server_endpoint: str, access_token: str, member_id: str, *, fresh: bool = False
 ) -> oauth.AppInfo:
@@ -106,8 +163,8 @@ def vouch_for_token(
     except oauth.UntrustedServer as exc:
         raise Refused(403, f"Refused: {exc.description}.") from None
     key = "fp:verify:" + hashlib.sha256(f"{server_endpoint}|{access_token}".encode()).hexdigest()
-    cached = None if fresh else cache.get(key)
-    if isinstance(cached, oauth.AppInfo):
+    cached = None if fresh else VOUCHED.get(key)
+    if cached is not None:
         info = cached
     else:
         try:
@@ -130,8 +187,8 @@ def vouch_for_token(
         oauth.check_portal_endpoint(info.client_endpoint)
     except oauth.UntrustedServer as exc:
         raise Refused(403, f"Refused: {exc.description}.") from None
-    if not isinstance(cached, oauth.AppInfo):
-        cache.set(key, info, settings.B24_VERIFY_CACHE_SECONDS)
+    if cached is None:
+        VOUCHED.put(key, info)
     return info
 
 
@@ -156,22 +213,96 @@ def require_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) 
         )
 
 
-def stored_portal_and_user(member_id: str, user_id: int) -> tuple[Portal | None, PortalUser | None]:
-    """The stored portal and the row of its user, in one query for a user seen before (every
-    reopen); a second one finds the portal of a user who has never opened the app."""
-    user = (
-        PortalUser.objects.select_related("portal")
-        .defer("access_token", "refresh_token")
-        .filter(portal__member_id=member_id, user_id=user_id)
-        .first()
+class _Columns:
+    """A model's columns in a hand-written SELECT, and its instances back from the rows, with
+    the converters the ORM applies (decryption, SQLite's booleans and dates); the fields left
+    out load on first use, as with `defer`."""
+
+    def __init__(self, model: type[Model], alias: str, leave_out: tuple[str, ...] = ()) -> None:
+        self.model = model
+        self.alias = alias
+        self.fields = [f for f in model._meta.concrete_fields if f.attname not in leave_out]
+        self.names = [f.attname for f in self.fields]
+        self._converters: dict[str, list[tuple[Any, list[Any]]]] = {}
+
+    def select(self) -> str:
+        qn = connection.ops.quote_name
+        return ", ".join(f"{qn(self.alias)}.{qn(f.column)}" for f in self.fields)
+
+    def converters(self) -> list[tuple[Any, list[Any]]]:
+        found = self._converters.get(connection.vendor)
+        if found is None:
+            found = []
+            for f in self.fields:
+                col = f.get_col(self.alias)
+                found.append(
+                    (col, connection.ops.get_db_converters(col) + col.get_db_converters(connection))
+                )
+            self._converters[connection.vendor] = found
+        return found
+
+    def instance(self, values: Sequence[Any]) -> Any:
+        converted = []
+        for (col, converters), value in zip(self.converters(), values, strict=True):
+            for convert in converters:
+                value = convert(value, col, connection)
+            converted.append(value)
+        return self.model.from_db(connection.alias, self.names, converted)
+
+
+_USER_COLUMNS = _Columns(PortalUser, "u", leave_out=("access_token", "refresh_token"))
+_PORTAL_COLUMNS = _Columns(Portal, "p")
+
+
+@dataclass(frozen=True)
+class AlsoRead:
+    """One more value a caller wants with the portal and the user, read in the same statement
+    (a reopen then makes one round trip to the database): a scalar SQL expression over the
+    aliases p (the portal) and u (the user), given the database vendor. Only our own names go
+    into it; the value is what the database answers (None for a user never seen)."""
+
+    name: str
+    expression: Callable[[str], str]
+
+
+@functools.cache
+def _portal_and_user_sql(vendor: str, also: AlsoRead | None) -> str:
+    """Built once: the ORM would build this text again on every reopen, at about the cost of
+    running it."""
+    qn = connection.ops.quote_name
+    users, portals = qn(PortalUser._meta.db_table), qn(Portal._meta.db_table)
+    extra = f", {also.expression(vendor)}" if also is not None else ""
+    return (
+        f"SELECT {_USER_COLUMNS.select()}, {_PORTAL_COLUMNS.select()}{extra} "  # noqa: S608
+        f"FROM {users} u INNER JOIN {portals} p ON p.{qn('id')} = u.{qn('portal_id')} "
+        f"WHERE p.{qn('member_id')} = %s AND u.{qn('user_id')} = %s"
     )
-    if user is not None:
-        return user.portal, user
-    return Portal.objects.filter(member_id=member_id).first(), None
 
 
-def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFrame:
-    """Check an install or app POST, as Bitrix24 sends it to the iframe."""
+def stored_portal_and_user(
+    member_id: str, user_id: int, also: AlsoRead | None = None
+) -> tuple[Portal | None, PortalUser | None, Any]:
+    """The stored portal and the row of its user (tokens not read), and `also`'s value, in one
+    query for a user seen before (every reopen); a second one finds the portal of a user who
+    has never opened the app."""
+    with connection.cursor() as cursor:
+        cursor.execute(_portal_and_user_sql(connection.vendor, also), [member_id, user_id])
+        row = cursor.fetchone()
+    if row is not None:
+        split = len(_USER_COLUMNS.fields)
+        end = split + len(_PORTAL_COLUMNS.fields)
+        user: PortalUser = _USER_COLUMNS.instance(row[:split])
+        portal: Portal = _PORTAL_COLUMNS.instance(row[split:end])
+        PortalUser._meta.get_field("portal").set_cached_value(user, portal)
+        return portal, user, row[end] if also is not None else None
+    return Portal.objects.filter(member_id=member_id).first(), None, None
+
+
+def verify_frame_post(
+    request: HttpRequest, *, installing: bool, also: AlsoRead | None = None
+) -> VerifiedFrame:
+    """Check an install or app POST, as Bitrix24 sends it to the iframe. `also`: a value to
+    read with the stored portal and user (VerifiedFrame.also)."""
     data = request.POST
     member_id = _field(data, "member_id", limit=64)
     access_token = _field(data, "AUTH_ID", limit=512)
@@ -209,7 +340,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         # likely. Ask Bitrix24 again rather than trust the cache (or the header).
         info = vouch_for_token(server_endpoint, access_token, member_id, fresh=True)
     assert info.user_id is not None  # vouch_for_token refuses an answer without one
-    portal, user = stored_portal_and_user(info.member_id, info.user_id)
+    portal, user, also_value = stored_portal_and_user(info.member_id, info.user_id, also)
     if installing:
         require_admin(info, server_endpoint, access_token)
     if portal is not None and portal.is_active and portal.application_token and not installing:
@@ -238,6 +369,7 @@ def verify_frame_post(request: HttpRequest, *, installing: bool) -> VerifiedFram
         lang=lang,
         placement=placement,
         placement_options=options,
+        also=also_value,
     )
 
 

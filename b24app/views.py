@@ -147,15 +147,17 @@ def install(request: HttpRequest) -> HttpResponse:
 
 @entry("application page")
 def app(request: HttpRequest) -> HttpResponse:
-    verified = frame.verify_frame_post(request, installing=False)
+    from flows.views import PAGE_INTENTS, app_page  # the page users see lives with the flows
+
+    # The user's intents come with the portal and the user: a reopen is one query.
+    verified = frame.verify_frame_post(request, installing=False, also=PAGE_INTENTS)
     portal = verified.portal  # verify_frame_post refuses an app POST without one
     assert portal is not None
     portal = services.portal_follow_endpoint(portal, verified.info)  # renames move the host
     user = _store_frame_tokens(portal, verified)
     translation.activate(verified.lang)
-    from flows.views import app_page  # the page users see lives with the flows
-
-    page = app_page(request, portal=portal, user=user)
+    intents = verified.also if isinstance(verified.also, str) else None  # None: a new user
+    page = app_page(request, portal=portal, user=user, intents_json=intents)
     return framed(request, page, portal.origin)
 
 

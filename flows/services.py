@@ -135,6 +135,32 @@ def snapshot_meta(portal: Portal, user_id: int) -> SnapshotMeta | None:
     return SnapshotMeta(version=int(data["version"]), fetched_at=float(data["fetched_at"]))
 
 
+@dataclass
+class SnapshotStatus:
+    """What a page render needs before the flows: the snapshot's version (None: no snapshot,
+    or one written before snapshots had versions) and why the last fetch failed."""
+
+    meta: SnapshotMeta | None
+    exists: bool
+    problem: str
+
+
+def snapshot_status(portal: Portal, user_id: int) -> SnapshotStatus:
+    """The snapshot's meta, whether the snapshot is there and the last fetch's problem, in one
+    round trip (the snapshot itself, tens of kilobytes, is not read)."""
+    with redis_client().pipeline(transaction=False) as pipe:
+        pipe.get(_snapshot_meta_key(portal, user_id))
+        pipe.exists(_snapshot_key(portal, user_id))
+        pipe.get(_snapshot_problem_key(portal, user_id))
+        raw_meta, exists, raw_problem = pipe.execute()
+    meta = None
+    if raw_meta is not None and exists:
+        data = json.loads(raw_meta)
+        meta = SnapshotMeta(version=int(data["version"]), fetched_at=float(data["fetched_at"]))
+    problem = raw_problem.decode() if isinstance(raw_problem, bytes) else ""
+    return SnapshotStatus(meta=meta, exists=bool(exists), problem=problem)
+
+
 def _snapshot_update(
     portal: Portal, user_id: int, change: Callable[[Snapshot | None], Snapshot | None]
 ) -> Snapshot | None:

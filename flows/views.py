@@ -7,25 +7,34 @@ third-party cookie is needed inside the iframe.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import re
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.core import signing
+from django.db import connection
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import render
+from django.template.loader import render_to_string
+from django.urls import get_script_prefix
 from django.utils import translation
+from django.utils.html import escape
+from django.utils.safestring import mark_safe
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext, trans_real
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from redis.exceptions import RedisError
 
+from b24app import frame
 from b24app import services as portal_services
 from b24app.bitrix.errors import AccessDenied, TransientError
 from b24app.bitrix.ratelimit import take
@@ -177,7 +186,17 @@ def problem_text(problem: str) -> str:
     return texts.get(problem, "")
 
 
-def intent_json(intent: PinIntent) -> dict[str, Any]:
+class IntentState(NamedTuple):
+    """What the page shows of an intent (a row of `_intents_by_flow`)."""
+
+    flow_id: int
+    desired: bool
+    observed: bool | None
+    status: str
+    problem: str
+
+
+def intent_json(intent: PinIntent | IntentState) -> dict[str, Any]:
     if intent.status == PinIntent.Status.PENDING:
         text = _("Pinning…") if intent.desired else _("Unpinning…")
         if intent.problem:
@@ -197,11 +216,61 @@ def intent_json(intent: PinIntent) -> dict[str, Any]:
     }
 
 
-def _intents_by_flow(portal: Portal, user: PortalUser) -> dict[int, PinIntent]:
-    return {i.flow_id: i for i in PinIntent.objects.filter(portal=portal, user_id=user.user_id)}
+@functools.cache
+def _intents_sql(vendor: str) -> str:
+    """The user's intents, as the page shows them. Built once: the ORM would build the same
+    text again on every render, at about the cost of running it."""
+    qn = connection.ops.quote_name
+    columns = ", ".join(qn(c) for c in ("flow_id", "desired", "observed", "status", "problem"))
+    table = qn(PinIntent._meta.db_table)
+    return f"SELECT {columns} FROM {table} WHERE {qn('portal_id')} = %s AND {qn('user_id')} = %s"  # noqa: S608  (our names only)
 
 
-def _rows(flows: list[dict[str, Any]], intents: dict[int, PinIntent]) -> list[dict[str, Any]]:
+def _intents_by_flow(portal: Portal, user: PortalUser) -> dict[int, IntentState]:
+    with connection.cursor() as cursor:
+        cursor.execute(_intents_sql(connection.vendor), [portal.pk, user.user_id])
+        found = cursor.fetchall()
+    return {
+        int(flow_id): IntentState(
+            int(flow_id), bool(desired), None if seen is None else bool(seen), status, problem
+        )
+        for flow_id, desired, seen, status, problem in found
+    }
+
+
+def _intents_expression(vendor: str) -> str:
+    """The user's intents as one JSON text, read with the portal and the user when the app is
+    opened (frame.AlsoRead): [[flow_id, desired, observed, status, problem], ...]."""
+    qn = connection.ops.quote_name
+    columns = ", ".join(
+        f"i.{qn(c)}" for c in ("flow_id", "desired", "observed", "status", "problem")
+    )
+    if vendor == "postgresql":
+        found = f"COALESCE(json_agg(json_build_array({columns})), '[]'::json)::text"
+    elif vendor == "sqlite":
+        found = f"json_group_array(json_array({columns}))"
+    else:  # read on their own (_intents_by_flow)
+        return "NULL"
+    table = qn(PinIntent._meta.db_table)
+    return (
+        f"(SELECT {found} FROM {table} i "  # noqa: S608  (our names only)
+        f"WHERE i.{qn('portal_id')} = p.{qn('id')} AND i.{qn('user_id')} = u.{qn('user_id')})"
+    )
+
+
+PAGE_INTENTS = frame.AlsoRead("intents", _intents_expression)
+
+
+def _intents_from_json(text: str) -> dict[int, IntentState]:
+    return {
+        int(flow_id): IntentState(
+            int(flow_id), bool(desired), None if seen is None else bool(seen), status, problem
+        )
+        for flow_id, desired, seen, status, problem in json.loads(text)
+    }
+
+
+def _rows(flows: list[dict[str, Any]], intents: dict[int, IntentState]) -> list[dict[str, Any]]:
     rows = []
     for f in flows:
         intent = intents.get(int(f["id"]))
@@ -248,70 +317,222 @@ def plurals_js(messages: dict[str, Callable[[int], str]]) -> dict[str, Any]:
     return {"index": "".join(str(i) for i in index), "forms": forms}
 
 
-def app_page(request: HttpRequest, *, portal: Portal, user: PortalUser) -> HttpResponse:
+# --- the page's rows, kept per snapshot version -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SortedRows:
+    """A snapshot's flows in the page's order (name, then id) with each row's JSON as it is
+    when the user has no intent for it: built once per snapshot version and process, then
+    only the rows with intents are written again for a render."""
+
+    version: int
+    fetched_at: float
+    ids: tuple[int, ...]
+    flows: tuple[dict[str, Any], ...]
+    fragments: tuple[str, ...]
+
+    @classmethod
+    def build(cls, snap: services.Snapshot) -> SortedRows:
+        flows = sorted(snap.flows, key=lambda f: (str(f["name"]).casefold(), f["id"]))
+        return cls(
+            version=snap.version,
+            fetched_at=snap.fetched_at,
+            ids=tuple(int(f["id"]) for f in flows),
+            flows=tuple(flows),
+            fragments=tuple(json_for_script({**f, "pinned": False, "intent": None}) for f in flows),
+        )
+
+    def json(self, intents: dict[int, IntentState]) -> str:
+        """The rows as `_rows` orders them (pinned first), as JSON for the page."""
+        if not intents:
+            return "[" + ",".join(self.fragments) + "]"
+        pinned: list[str] = []
+        rest: list[str] = []
+        for flow_id, flow, fragment in zip(self.ids, self.flows, self.fragments, strict=True):
+            intent = intents.get(flow_id)
+            if intent is None:
+                rest.append(fragment)
+                continue
+            row = {**flow, "pinned": bool(intent.observed), "intent": intent_json(intent)}
+            (pinned if intent.observed else rest).append(json_for_script(row))
+        return "[" + ",".join(pinned + rest) + "]"
+
+
+class _RowsCache:
+    """A small per-process LRU of SortedRows, keyed by portal, user, snapshot version and fetch
+    time: a new version (a refresh landing, a flow added) is a new key, so a stale entry is
+    never read, only pushed out. Nothing per request (token, nonce, intents) is kept here."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, int, int, float], SortedRows] = OrderedDict()
+
+    def get(self, key: tuple[int, int, int, float]) -> SortedRows | None:
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[int, int, int, float], rows: SortedRows) -> None:
+        with self._lock:
+            self._entries[key] = rows
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+# Each entry is a user's list (200 flows: ~60 KB); the users who open the app within a
+# snapshot's life on one process are what it is for.
+ROWS_CACHE = _RowsCache(128)
+
+
+def _sorted_rows(
+    portal: Portal, user_id: int, meta: services.SnapshotMeta | None
+) -> SortedRows | None:
+    """The user's rows from the latest snapshot: from the cache when its version is known and
+    kept here, else read, sorted and kept. None when there is no snapshot."""
+    if meta is not None:
+        cached = ROWS_CACHE.get((portal.pk, user_id, meta.version, meta.fetched_at))
+        if cached is not None:
+            return cached
+    snap = services.snapshot_get(portal, user_id)
+    if snap is None:
+        return None
+    rows = SortedRows.build(snap)
+    ROWS_CACHE.put((portal.pk, user_id, snap.version, snap.fetched_at), rows)
+    return rows
+
+
+# --- the page shell, rendered once per language ---------------------------------------------------
+
+# Where the per-request values go in a rendered shell: private-use characters, which no
+# template text holds and autoescaping leaves alone.
+_SLOT = re.compile("\ue000fp-slot-(\\w+)\ue000")
+_SLOTS = ("domain", "csp_nonce", "page_token", "page_js", "rows_json")
+_KNOWN_PROBLEMS = {"reopen", "reinstall", "busy", "failed"}
+_SHELLS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _slot(name: str) -> str:
+    return f"\ue000fp-slot-{name}\ue000"
+
+
+def _shell(loading: bool, problem: str) -> tuple[str, ...]:
+    """The page rendered with a slot for each per-request value, split at the slots (odd
+    items name a slot). Per language, state and deployment; rendered anew under DEBUG, where
+    templates change."""
+    lang = translation.get_language() or "en"
+    key = (lang, str(loading), problem, settings.B24_JS_SDK_URL, get_script_prefix())
+    shell = _SHELLS.get(key)
+    if shell is None or settings.DEBUG:
+        html = render_to_string(
+            "flows/app.html",
+            {
+                "loading": loading,
+                "problem": problem,
+                "bx24_js": settings.B24_JS_SDK_URL,
+                "messages_js": _page_messages(lang),
+                **{name: mark_safe(_slot(name)) for name in _SLOTS},  # noqa: S308  (ours)
+            },
+        )
+        shell = tuple(_SLOT.split(html))
+        _SHELLS[key] = shell
+    return shell
+
+
+def _fill(shell: tuple[str, ...], values: dict[str, str]) -> str:
+    return "".join(values[part] if i % 2 else part for i, part in enumerate(shell))
+
+
+@functools.lru_cache(maxsize=8)
+def _page_messages(lang: str) -> dict[str, str]:
+    """The page script's texts in `lang` (the active language when called)."""
+    return {
+        "pin": _("Pin"),
+        "unpin": _("Unpin"),
+        "pinning": _("Pinning…"),
+        "unpinning": _("Unpinning…"),
+        "pinned": _("Pinned."),
+        "unpinned": _("Unpinned."),
+        "failed": _("Something went wrong; try again."),
+        "offline": _("The app cannot reach its server; try again."),
+        "no_match": _("No flow matches your search."),
+        "added": _("Flow added."),
+        "loading": _("Loading your flows from Bitrix24…"),
+        "active": _("active"),
+        "inactive": _("inactive"),
+        "pinning_progress": _("Pinning %(done)s of %(total)s…"),
+        "unpinning_progress": _("Unpinning %(done)s of %(total)s…"),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def _page_plurals(lang: str) -> dict[str, Any]:
+    """The page script's plural texts in `lang` (the active language when called)."""
+    return plurals_js(
+        {
+            "pinned_n": lambda n: ngettext("%(count)s flow pinned", "%(count)s flows pinned", n),
+            "unpinned_n": lambda n: ngettext(
+                "%(count)s flow unpinned", "%(count)s flows unpinned", n
+            ),
+            "failed_n": lambda n: ngettext("%(count)s flow failed", "%(count)s flows failed", n),
+        }
+    )
+
+
+def app_page(
+    request: HttpRequest, *, portal: Portal, user: PortalUser, intents_json: str | None = None
+) -> HttpResponse:
     """Render the user's flows at once from the latest snapshot; never wait on the portal here.
 
     The snapshot is refreshed in the background unless it is only seconds old, and the page
     updates in place when the refresh lands (`rows` endpoint); with none yet (the first open)
     the page shows a loading state and fills in.
+
+    What does not depend on the request is kept: the page's HTML per language and state (the
+    shell), and the sorted rows per snapshot version; a render reads the snapshot's version,
+    the user's intents, and fills in the user's values. `intents_json`: the user's intents as
+    read with the portal and the user (PAGE_INTENTS), when they were.
     """
-    snap = services.snapshot_get(portal, user.user_id)
-    loading = snap is None
-    if snap is None or snap.age >= tasks.REFRESH_SKIP_SECONDS:
+    status = services.snapshot_status(portal, user.user_id)
+    rows = _sorted_rows(portal, user.user_id, status.meta) if status.exists else None
+    loading = rows is None
+    if rows is None or time.time() - rows.fetched_at >= tasks.REFRESH_SKIP_SECONDS:
         try:
             tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
         except Exception:  # the broker is down: what there is is still worth showing
             log.warning("could not queue a snapshot refresh")
-    flows = snap.flows if snap else []
-    intents = _intents_by_flow(portal, user)
+    if intents_json is not None:
+        intents = _intents_from_json(intents_json)
+    else:
+        intents = _intents_by_flow(portal, user)
     lang = translation.get_language() or "en"
-    context = {
-        "portal": portal,
-        "user": user,
-        "rows_json": json_for_script(_rows(flows, intents)),
-        "loading": loading,
-        "problem": services.snapshot_problem(portal, user.user_id) if loading else "",
-        "snapshot_age": int(snap.age) if snap else None,
-        "page_token": page_token(portal, user, lang),
-        "bx24_js": settings.B24_JS_SDK_URL,
-        "page_js": {
-            "version": snap.version if snap else None,
-            "refresh_seconds": PAGE_REFRESH_SECONDS,
-            "fast_poll_seconds": PAGE_FAST_POLL_SECONDS,
-            "chunk": MAX_FLOWS_PER_REQUEST,
-            "plurals": plurals_js(
-                {
-                    "pinned_n": lambda n: ngettext(
-                        "%(count)s flow pinned", "%(count)s flows pinned", n
-                    ),
-                    "unpinned_n": lambda n: ngettext(
-                        "%(count)s flow unpinned", "%(count)s flows unpinned", n
-                    ),
-                    "failed_n": lambda n: ngettext(
-                        "%(count)s flow failed", "%(count)s flows failed", n
-                    ),
-                }
-            ),
-        },
-        "messages_js": {
-            "pin": _("Pin"),
-            "unpin": _("Unpin"),
-            "pinning": _("Pinning…"),
-            "unpinning": _("Unpinning…"),
-            "pinned": _("Pinned."),
-            "unpinned": _("Unpinned."),
-            "failed": _("Something went wrong; try again."),
-            "offline": _("The app cannot reach its server; try again."),
-            "no_match": _("No flow matches your search."),
-            "added": _("Flow added."),
-            "loading": _("Loading your flows from Bitrix24…"),
-            "active": _("active"),
-            "inactive": _("inactive"),
-            "pinning_progress": _("Pinning %(done)s of %(total)s…"),
-            "unpinning_progress": _("Unpinning %(done)s of %(total)s…"),
-        },
+    problem = status.problem if loading and status.problem in _KNOWN_PROBLEMS else ""
+    page_js = {
+        "version": rows.version if rows else None,
+        "refresh_seconds": PAGE_REFRESH_SECONDS,
+        "fast_poll_seconds": PAGE_FAST_POLL_SECONDS,
+        "chunk": MAX_FLOWS_PER_REQUEST,
+        "plurals": _page_plurals(lang),
     }
-    return render(request, "flows/app.html", context)
+    html = _fill(
+        _shell(loading, problem),
+        {
+            "domain": escape(portal.domain),
+            "csp_nonce": escape(getattr(request, "csp_nonce", "")),
+            "page_token": escape(page_token(portal, user, lang)),
+            "page_js": json_for_script(page_js),
+            "rows_json": rows.json(intents) if rows else "[]",
+        },
+    )
+    return HttpResponse(html, content_type="text/html; charset=utf-8")
 
 
 # --- JSON endpoints ---------------------------------------------------------------------------

@@ -245,10 +245,13 @@ def test_settled_intents_are_pruned_after_the_retention_but_a_pin_is_remembered(
 def test_a_dozen_page_opens_queue_one_list_refresh(
     sandbox: Any, opened: dict[str, Any], enqueued: list[str]
 ) -> None:
-    key = f"fp:snap:{opened['portal'].pk}:{USER}"
-    snap = json.loads(redis_client().get(key))
-    snap["fetched_at"] -= 3600  # stale: every open would like a refresh
-    redis_client().set(key, json.dumps(snap))
+    for key in (
+        f"fp:snap:{opened['portal'].pk}:{USER}",
+        f"fp:snapmeta:{opened['portal'].pk}:{USER}",
+    ):
+        snap = json.loads(redis_client().get(key))
+        snap["fetched_at"] -= 3600  # stale (the list and its meta): every open would like a refresh
+        redis_client().set(key, json.dumps(snap))
     for _ in range(12):
         assert post_frame(opened["client"], launch(sandbox, "alpha", USER)).status_code == 200
     assert enqueued.count("flows.refresh_snapshot") == 1
