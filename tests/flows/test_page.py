@@ -76,9 +76,11 @@ def test_the_page_speaks_russian_and_english(sandbox: Any) -> None:
     install(client, sandbox)
     ru = open_page(client, sandbox, 2, lang="ru")
     assert "Поиск потоков" in ru.content.decode() and "Закрепить все" in ru.content.decode()
+    assert '<html lang="ru">' in ru.content.decode()  # screen readers and hyphenation follow it
     assert page_messages(ru)["pin"] == "Закрепить" and page_messages(ru)["unpin"] == "Открепить"
     en = open_page(client, sandbox, 2, lang="en")
     assert "Search flows" in en.content.decode() and "Поиск" not in en.content.decode()
+    assert '<html lang="en">' in en.content.decode()
     assert page_messages(en)["pin"] == "Pin"
     fallback = open_page(client, sandbox, 2, lang="de")
     assert page_messages(fallback)["pin"] == "Pin"
