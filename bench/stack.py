@@ -166,6 +166,17 @@ class Stack:
             time.sleep(0.2)
         raise RuntimeError(f"{name} did not get ready")
 
+    def pause_workers(self) -> None:
+        """Stop the Celery workers where they stand (SIGSTOP); their queue waits for them."""
+        for name, proc in self.procs.items():
+            if name.startswith("worker") and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGSTOP)
+
+    def resume_workers(self) -> None:
+        for name, proc in self.procs.items():
+            if name.startswith("worker") and proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
+
     def stop_proc(self, name: str) -> None:
         proc = self.procs.pop(name)
         if proc.poll() is None:
