@@ -410,12 +410,16 @@ def open_loop(fn: Callable[[int], int], rate: float, seconds: float) -> list[flo
 PAGE_TARGET = 2.0  # the page's p50 over the bare view's, in the same run (issue 11)
 
 
-def bench_page(stack: Stack, report: Report, renders: int) -> None:
+def page_and_bare(
+    stack: Stack,
+) -> tuple[Callable[[], int], Callable[[], int], str, dict[str, str]]:
+    """A portal whose user sees 200 flows, the page opened once (the snapshot is warm); returns
+    two requests for closed loops — GET /ping, and the same verified app POST again — and that
+    POST's URL and form."""
     name = stack.portal_names()[0]
     prepare(stack, [name], 0, [])
     stack.sb(f"p/{name}/flows", {"count": 190, "visible_to_all": True})
-    token, launched = stack.open_app(name, 1)  # warms the snapshot: the page shows 200 flows
-    flows_shown = len(stack.portal_state(name)["flows"])
+    _, launched = stack.open_app(name, 1)
     url = launched["url"].replace(stack.env["B24_APP_BASE_URL"], stack.web_url)
     form = launched["form"]
     sessions = threading.local()
@@ -430,6 +434,14 @@ def bench_page(stack: Stack, report: Report, renders: int) -> None:
 
     def page() -> int:
         return session().post(url, data=form, timeout=10).status_code
+
+    return bare, page, url, form
+
+
+def bench_page(stack: Stack, report: Report, renders: int) -> None:
+    bare, page, _, _ = page_and_bare(stack)
+    name = stack.portal_names()[0]
+    flows_shown = len(stack.portal_state(name)["flows"])
 
     closed_loop(bare, 50, 4)
     closed_loop(page, 20, 4)  # warm-up

@@ -22,7 +22,6 @@ import os
 import resource
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
-from bench.__main__ import closed_loop, pct, prepare, setup_django
+from bench.__main__ import closed_loop, page_and_bare, pct, setup_django
 from bench.stack import Stack
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -84,26 +83,8 @@ def main() -> None:
     try:
         stack.start()
         setup_django(stack)
-        name = stack.portal_names()[0]
-        prepare(stack, [name], 0, [])
-        stack.sb(f"p/{name}/flows", {"count": 190, "visible_to_all": True})
-        _, launched = stack.open_app(name, 1)
-        url = launched["url"].replace(stack.env["B24_APP_BASE_URL"], stack.web_url)
-        form = launched["form"]
-        sessions = threading.local()
-
-        def session() -> requests.Session:
-            if not hasattr(sessions, "s"):
-                sessions.s = requests.Session()
-            return sessions.s  # type: ignore[no-any-return]
-
-        def bare() -> int:
-            return session().get(f"{stack.web_url}/ping", timeout=10).status_code
-
-        def page() -> int:
-            return session().post(url, data=form, timeout=10).status_code
-
-        print(f"page: {len(session().post(url, data=form).content)} bytes")
+        bare, page, url, form = page_and_bare(stack)
+        print(f"page: {len(requests.post(url, data=form, timeout=10).content)} bytes")
         closed_loop(bare, 50, 4)
         closed_loop(page, 50, 4)
         database = stack.env["DATABASE_URL"].rsplit("/", 1)[1]

@@ -20,22 +20,23 @@ from django.utils import timezone
 from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import RateLimited, ResponseLost
 from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE, PortalRateLimiter, redis_client
-from b24app.models import Portal
 from b24app.tasks import bind_handlers
 from flows import services, tasks
 from flows.models import PinIntent
-from tests.helpers import install, launch, open_app, portal_pins, post_frame, sb, state, visible_to
+from tests.flows.conftest import USER
+from tests.helpers import (
+    api,
+    install,
+    launch,
+    open_app,
+    portal_pins,
+    post_frame,
+    sb,
+    state,
+    visible_to,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-USER = 2
-
-
-def api(client: Client, token: str, method: str, path: str, body: Any = None) -> Any:
-    headers = {"HTTP_X_FLOWPINS_TOKEN": token}
-    if method == "GET":
-        return client.get(path, **headers)
-    return client.post(path, data=json.dumps(body), content_type="application/json", **headers)
 
 
 @pytest.fixture
@@ -51,14 +52,6 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(task, "apply_async", spy)
     return sent
-
-
-@pytest.fixture
-def opened(sandbox: Any) -> dict[str, Any]:
-    client = Client()
-    install(client, sandbox)
-    token = open_app(client, sandbox, USER)
-    return {"client": client, "token": token, "portal": Portal.objects.get()}
 
 
 # --- fenced convergence -----------------------------------------------------------------------

@@ -12,14 +12,12 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from b24app import services as portal_services
-from b24app.models import Portal
 from flows import tasks
 from flows.models import PinIntent
-from tests.helpers import install, open_app, visible_to
+from tests.flows.conftest import USER
+from tests.helpers import visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-USER = 2
 
 
 def click(client: Client, token: str, body: Any) -> Any:
@@ -29,14 +27,6 @@ def click(client: Client, token: str, body: Any) -> Any:
         content_type="application/json",
         HTTP_X_FLOWPINS_TOKEN=token,
     )
-
-
-@pytest.fixture
-def opened(sandbox: Any) -> dict[str, Any]:
-    client = Client()
-    install(client, sandbox)
-    token = open_app(client, sandbox, USER)
-    return {"client": client, "token": token, "portal": Portal.objects.get()}
 
 
 @pytest.fixture

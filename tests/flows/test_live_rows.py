@@ -14,26 +14,10 @@ from django.test import Client
 from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
 from flows import services, tasks, views
-from tests.helpers import install, open_app, sb
+from tests.flows.conftest import USER
+from tests.helpers import api, install, open_app, sb
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-USER = 2
-
-
-def api(client: Client, token: str, method: str, path: str, body: Any = None) -> Any:
-    headers = {"HTTP_X_FLOWPINS_TOKEN": token}
-    if method == "GET":
-        return client.get(path, **headers)
-    return client.post(path, data=json.dumps(body), content_type="application/json", **headers)
-
-
-@pytest.fixture
-def opened(sandbox: Any) -> dict[str, Any]:
-    client = Client()
-    install(client, sandbox)
-    token = open_app(client, sandbox, USER)
-    return {"client": client, "token": token, "portal": Portal.objects.get()}
 
 
 @pytest.fixture
