@@ -141,7 +141,7 @@ def test_when_answers_stop_being_lost_the_pins_settle_within_seconds(
     lost = state(sandbox)["counters"]["dropped_responses"]
     assert 4 <= lost <= 40, f"{lost} requests in 15 s of lost answers"  # kept trying, gently
     sb(sandbox, "config", {"pin_drop_ratio": 0.0})
-    took, intents = _settle_timed(8)
+    took, intents = _settle_timed(10)
 
     assert portal_pins(sandbox, 2) == set(flows) == desired_pins(intents, 2)
     assert_all_done_and_true(intents)
