@@ -9,6 +9,7 @@ answer makes the state unknown (None) — the next answer tells the truth.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -57,8 +58,9 @@ LIMITER_WAIT = 0.6
 # A round of at most this many toggles is interactive (a click or two) and may use the slots of
 # the portal's bucket that bulk rounds ("Pin all") leave free.
 INTERACTIVE_TOGGLES = 3
-# A run ends (and backs off like an outage) after this many lost answers in a row: the portal,
-# or the way to it, is losing everything, and each lost toggle may still have been applied.
+# After this many lost answers in a row the portal, or the way to it, is losing everything (and
+# each lost toggle may still have been applied): the run pauses between single toggles, 1, 2, 4
+# … at most LOST_PAUSE_MAX seconds, so it neither hammers the portal nor lags once it recovers.
 LOST_IN_A_ROW = 12
 LOST_PAUSE_MAX = 5.0
 
@@ -127,12 +129,15 @@ def snapshot_get(portal: Portal, user_id: int) -> Snapshot | None:
     return _snapshot_load(redis_client().get(_snapshot_key(portal, user_id)))
 
 
-def snapshot_meta(portal: Portal, user_id: int) -> SnapshotMeta | None:
-    raw = redis_client().get(_snapshot_meta_key(portal, user_id))
+def _meta_load(raw: bytes | str | None) -> SnapshotMeta | None:
     if raw is None:
         return None
     data = json.loads(raw)
     return SnapshotMeta(version=int(data["version"]), fetched_at=float(data["fetched_at"]))
+
+
+def snapshot_meta(portal: Portal, user_id: int) -> SnapshotMeta | None:
+    return _meta_load(redis_client().get(_snapshot_meta_key(portal, user_id)))
 
 
 @dataclass
@@ -153,10 +158,7 @@ def snapshot_status(portal: Portal, user_id: int) -> SnapshotStatus:
         pipe.exists(_snapshot_key(portal, user_id))
         pipe.get(_snapshot_problem_key(portal, user_id))
         raw_meta, exists, raw_problem = pipe.execute()
-    meta = None
-    if raw_meta is not None and exists:
-        data = json.loads(raw_meta)
-        meta = SnapshotMeta(version=int(data["version"]), fetched_at=float(data["fetched_at"]))
+    meta = _meta_load(raw_meta) if exists else None
     problem = raw_problem.decode() if isinstance(raw_problem, bytes) else ""
     return SnapshotStatus(meta=meta, exists=bool(exists), problem=problem)
 
@@ -346,11 +348,16 @@ def flow_add_by_id(
 # --- intents ----------------------------------------------------------------------------------
 
 
+def _portal_id(portal: Portal | int) -> int:
+    return portal if isinstance(portal, int) else portal.pk
+
+
 class NotRecorded(Exception):
     """A click recorded nothing: some flow is not known on the portal, the portal is not active
     or the user never opened the app. The caller finds out which (the rare, slow path)."""
 
 
+@functools.lru_cache(maxsize=512)  # built once per number of flows (a click: 1)
 def _pin_upsert_sql(count: int) -> str:
     qn = connection.ops.quote_name
     intent, flow = qn(PinIntent._meta.db_table), qn(Flow._meta.db_table)
@@ -394,7 +401,7 @@ def pin_intent_set(
     every flow is known on the portal, the portal is active and the user has opened the app —
     else nothing is written and NotRecorded raised.
     """
-    portal_id = portal if isinstance(portal, int) else portal.pk
+    portal_id = _portal_id(portal)
     flow_ids = list(dict.fromkeys(flow_ids))
     now = timezone.now()
     params: list[Any] = [
@@ -439,7 +446,7 @@ class TooMuchPending(Exception):
 
 def unknown_flows(portal: Portal | int, flow_ids: list[int]) -> list[int]:
     """The ids among `flow_ids` this portal was never seen to have (by a list or an add)."""
-    portal_id = portal if isinstance(portal, int) else portal.pk
+    portal_id = _portal_id(portal)
     known = set(
         Flow.objects.filter(portal_id=portal_id, flow_id__in=flow_ids).values_list(
             "flow_id", flat=True
@@ -449,7 +456,7 @@ def unknown_flows(portal: Portal | int, flow_ids: list[int]) -> list[int]:
 
 
 def check_pending_room(portal: Portal | int, user_id: int, adding: int) -> None:
-    portal_id = portal if isinstance(portal, int) else portal.pk
+    portal_id = _portal_id(portal)
     pending = PinIntent.objects.filter(
         portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
     ).count()
@@ -533,16 +540,17 @@ class BatchSize:
     def answered(self, sent: int) -> None:
         grown = self.size * 2 if self.slow_start else self.size + self.STEP
         # Only a full request says the path carries that many: a short one grows nothing.
-        if sent >= self.size:
-            self.size = min(BATCH_LIMIT, grown)
-        self.lost_in_a_row = 0
-        self._dirty = True
+        self._set(min(BATCH_LIMIT, grown) if sent >= self.size else self.size, 0)
 
     def lost(self, sent: int) -> None:
-        self.size = max(1, min(self.size, sent) // 2)
         self.slow_start = False
-        self.lost_in_a_row += 1
-        self._dirty = True
+        self._set(max(1, min(self.size, sent) // 2), self.lost_in_a_row + 1, changed=True)
+
+    def _set(self, size: int, lost_in_a_row: int, *, changed: bool = False) -> None:
+        # Written back only when something changed: a single click on a steady path (the hot
+        # path) costs no Redis write.
+        self._dirty |= changed or (size, lost_in_a_row) != (self.size, self.lost_in_a_row)
+        self.size, self.lost_in_a_row = size, lost_in_a_row
 
     def save(self) -> None:
         if self._dirty:
