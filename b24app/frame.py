@@ -72,10 +72,11 @@ def tokens_equal(given: str, stored: str) -> bool:
 class VerifiedFrame:
     info: oauth.AppInfo
     server_endpoint: str
-    access_token: str
-    refresh_token: str
+    # Kept out of repr(), so a logged or reported frame never shows them.
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)
     expires_in: int
-    application_token: str
+    application_token: str = field(repr=False)
     scope: str
     lang: str
     placement: str
@@ -138,6 +139,8 @@ class _Vouched:
 
     def put(self, key: str, info: oauth.AppInfo) -> None:
         seconds = settings.B24_VERIFY_CACHE_SECONDS
+        if seconds <= 0:  # verifications are not to be trusted at all beyond the request
+            return
         until = self.clock() + seconds
         redis_client().set(key, json.dumps({"until": until, "info": asdict(info)}), ex=seconds)
         self._remember(key, until, info)

@@ -231,3 +231,19 @@ def test_an_app_info_answer_is_trusted_no_longer_than_before(
     monkeypatch.setattr(frame.VOUCHED, "clock", lambda: later)  # the answer's time has passed
     assert post_frame(client, launched).status_code == 200
     assert len(app_info_calls) == asked + 1
+
+
+def test_with_verifications_not_cached_every_open_asks_bitrix24_and_still_works(
+    sandbox: Any, settings: Any, app_info_calls: list[str]
+) -> None:
+    """B24_VERIFY_CACHE_SECONDS=0: nothing is trusted beyond its request — and nothing breaks
+    (a zero expiry must not reach Redis, which refuses it)."""
+    settings.B24_VERIFY_CACHE_SECONDS = 0
+    client = Client()
+    install(client, sandbox)
+    launched = launch(sandbox, "alpha", 2)
+    asked = len(app_info_calls)
+    assert post_frame(client, launched).status_code == 200
+    assert post_frame(client, launched).status_code == 200
+    assert len(app_info_calls) == asked + 2
+    assert not list(redis_client().scan_iter(match="fp:verify:*"))
