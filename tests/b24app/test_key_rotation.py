@@ -121,7 +121,9 @@ def test_rotation_leaves_a_value_no_key_opens_and_says_so(settings: Any) -> None
     settings.B24_TOKEN_KEY = OLD
     _store_secrets()
     settings.B24_TOKEN_KEY = lost_key
-    PortalUser.objects.filter(user_id=7).update(access_token="written-with-a-lost-key")
+    PortalUser.objects.filter(user_id=7).update(
+        access_token="written-with-a-lost-key", token_digest="digest-of-the-stored-pair"
+    )
     lost = PortalUser.objects.filter(user_id=7).values_list(
         Cast("access_token", output_field=TextField()), flat=True
     )[0]
@@ -133,6 +135,9 @@ def test_rotation_leaves_a_value_no_key_opens_and_says_so(settings: Any) -> None
     assert "1 stored values open with no key" in str(refused.value)
     assert "can now be removed" not in str(refused.value)
     assert lost in _raw()  # left exactly as it was, not destroyed
+    # ... and no longer vouched for: the user's next open stores the frame's pair, even if it
+    # is the very pair that was stored.
+    assert PortalUser.objects.filter(user_id=7).values_list("token_digest", flat=True)[0] == ""
     settings.B24_TOKEN_KEY = NEW  # everything else did move to the new key
     assert _plain_portals() == SECRETS["portals"]
 

@@ -21,10 +21,13 @@ from b24app import crypto
 from b24app.models import Portal, PortalUser
 
 
-def rotate_rows(model: type[Model], fields: list[str]) -> tuple[int, int]:
+def rotate_rows(
+    model: type[Model], fields: list[str], *, if_unreadable: dict[str, str] | None = None
+) -> tuple[int, int]:
     """Re-encrypt `fields` of every row of `model` with the newest key.
 
-    Returns (rows rewritten, values no key opens). A value no key opens is left as it is."""
+    Returns (rows rewritten, values no key opens). A value no key opens is left as it is, and
+    the row gets `if_unreadable` (what must no longer vouch for that value)."""
     # Cast to plain text: the stored ciphertext, which the encrypted field would decrypt.
     casts = {name: Cast(name, output_field=TextField()) for name in fields}
     rewritten = unreadable = 0
@@ -45,6 +48,7 @@ def rotate_rows(model: type[Model], fields: list[str]) -> tuple[int, int]:
                     continue  # empty, or sealed with the newest key already
                 if not crypto.readable(stored):
                     unreadable += 1
+                    changes.update(if_unreadable or {})
                     continue
                 # The plain value: saving it through the field seals it with the newest key.
                 changes[name] = crypto.decrypt(stored)
@@ -59,7 +63,11 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         portals, lost_portals = rotate_rows(Portal, ["application_token"])
-        users, lost_users = rotate_rows(PortalUser, ["access_token", "refresh_token"])
+        # A user whose tokens no key opens must reopen the app, and that reopen must store the
+        # frame's pair even if it is the very pair stored (the digest would say "unchanged").
+        users, lost_users = rotate_rows(
+            PortalUser, ["access_token", "refresh_token"], if_unreadable={"token_digest": ""}
+        )
         if lost_portals or lost_users:
             raise CommandError(
                 f"re-encrypted {portals} portals, {users} users; {lost_portals + lost_users} "
