@@ -383,10 +383,6 @@ class _RowsCache:
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
 
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
 
 # Each entry is a user's list (200 flows: ~60 KB); the users who open the app within a
 # snapshot's life on one process are what it is for.
@@ -430,6 +426,8 @@ def _shell(loading: bool, problem: str) -> tuple[str, ...]:
     templates change."""
     lang = translation.get_language() or "en"
     key = (lang, str(loading), problem, settings.B24_JS_SDK_URL, get_script_prefix())
+    if len(_SHELLS) > 64:  # a handful in practice: languages × states; never unbounded
+        _SHELLS.clear()
     shell = _SHELLS.get(key)
     if shell is None or settings.DEBUG:
         html = render_to_string(
