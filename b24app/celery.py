@@ -61,8 +61,9 @@ def _filter_worker_log_handlers(logger: logging.Logger, **kwargs: Any) -> None:
 
 
 def _yield_cpu_to_the_web(**kwargs: Any) -> None:
-    """Where web and workers share cores, the web answers clicks first: a click's answer is what
-    a person waits for, its convergence can take the CPU that is left (FLOWPINS_WORKER_NICE)."""
+    """Where web and workers share cores, give the web the CPU first (FLOWPINS_WORKER_NICE):
+    a click's answer is what a person waits for. It does not reach the work a run causes in
+    PostgreSQL, Redis or the portal; see the README's "What a click costs"."""
     from django.conf import settings
 
     if settings.FLOWPINS_WORKER_NICE > 0:
