@@ -270,13 +270,18 @@ def _intents_from_json(text: str) -> dict[int, IntentState]:
     }
 
 
+def _by_name(flow: dict[str, Any]) -> tuple[str, int]:
+    """The page's order within pinned and unpinned rows (both row builders use it)."""
+    return str(flow["name"]).casefold(), int(flow["id"])
+
+
 def _rows(flows: list[dict[str, Any]], intents: dict[int, IntentState]) -> list[dict[str, Any]]:
     rows = []
     for f in flows:
         intent = intents.get(int(f["id"]))
         pinned = bool(intent and intent.observed)
         rows.append({**f, "pinned": pinned, "intent": intent_json(intent) if intent else None})
-    rows.sort(key=lambda r: (not r["pinned"], str(r["name"]).casefold(), r["id"]))
+    rows.sort(key=lambda r: (not r["pinned"], *_by_name(r)))
     return rows
 
 
@@ -334,7 +339,7 @@ class SortedRows:
 
     @classmethod
     def build(cls, snap: services.Snapshot) -> SortedRows:
-        flows = sorted(snap.flows, key=lambda f: (str(f["name"]).casefold(), f["id"]))
+        flows = sorted(snap.flows, key=_by_name)
         return cls(
             version=snap.version,
             fetched_at=snap.fetched_at,
