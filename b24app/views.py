@@ -147,7 +147,8 @@ def install(request: HttpRequest) -> HttpResponse:
 
 @entry("application page")
 def app(request: HttpRequest) -> HttpResponse:
-    from flows.views import PAGE_INTENTS, app_page  # the page users see lives with the flows
+    from flows.intents import PAGE_INTENTS  # the page users see lives with the flows
+    from flows.page import app_page
 
     # The user's intents come with the portal and the user: a reopen is one query.
     verified = frame.verify_frame_post(request, installing=False, also=PAGE_INTENTS)

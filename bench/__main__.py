@@ -585,7 +585,7 @@ def bench_intents(stack: Stack, report: Report, seconds: float) -> None:
     """The saturation point of POST /flows/api/pin next to the bare view's, measured by the same
     generator: clicks from 400 people (80 on each of 5 portals), each under the per-user limit,
     as people are, while the workers converge what they ask."""
-    from flows import tasks
+    from flows import snapshots
 
     names = stack.portal_names()[:CLICK_PORTALS]
     prepare(stack, names, 40, [1])  # installs; one open per portal teaches the app its flows
@@ -597,7 +597,7 @@ def bench_intents(stack: Stack, report: Report, seconds: float) -> None:
         ids = generated_flow_ids(stack, name)
         people += [(token, ids) for token in tokens]
     deadline = time.monotonic() + 300
-    while tasks.pending_refreshes() and time.monotonic() < deadline:  # the first opens' lists
+    while snapshots.pending_refreshes() and time.monotonic() < deadline:  # the first opens' lists
         time.sleep(0.5)
     set_limits(stack, names, CLICK_REST_RATE, CLICK_REST_BURST)
     host = stack.web_url.split("//", 1)[1]

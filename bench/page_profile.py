@@ -40,12 +40,12 @@ STEPS = [
     ("b24app.frame", "vouch_for_token"),
     ("b24app.frame", "stored_portal_and_user"),
     ("b24app.views", "_store_frame_tokens"),
-    ("flows.views", "app_page"),
-    ("flows.services", "snapshot_status"),
-    ("flows.views", "_sorted_rows"),
-    ("flows.views", "_shell"),
-    ("flows.views", "_fill"),
-    ("flows.views", "page_token"),
+    ("flows.page", "app_page"),
+    ("flows.snapshots", "status"),
+    ("flows.page", "sorted_rows"),
+    ("flows.page", "_shell"),
+    ("flows.page", "_fill"),
+    ("flows.page", "page_token"),
     ("flows.tasks", "request_snapshot_refresh"),
 ]
 

@@ -38,7 +38,7 @@ class PinIntent(models.Model):
     """What one user wants for one flow, and what Bitrix24 last said about it.
 
     `tasks.flow.Flow.pin` is a toggle whose boolean answer is the only way to read the state, so
-    a click writes `desired` (and bumps `seq`); workers call pin while `observed` differs from
+    a click writes `desired`; workers call pin while `observed` differs from
     `desired`, recording every answer. `observed` is None when unknown (never asked, or an answer
     was lost after the toggle may have been applied).
     """
@@ -62,12 +62,11 @@ class PinIntent(models.Model):
     user_id = models.PositiveIntegerField()
     flow_id = models.PositiveIntegerField()
     desired = models.BooleanField()
-    seq = models.PositiveIntegerField(default=0)  # bumped by every click
     observed = models.BooleanField(null=True)
     observed_at = models.DateTimeField(null=True, blank=True)
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
     problem = models.CharField(max_length=16, choices=Problem.choices, blank=True, default="")
-    # Answered pin calls for the current seq (since a lost answer last made the state unknown).
+    # Answered pin calls since the last click (or since a lost answer made the state unknown).
     toggles = models.PositiveIntegerField(default=0)
     # After a toggle whose answer was lost, the flow is left alone until then (the portal may
     # still be applying it); other flows of the user go on meanwhile.

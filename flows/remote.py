@@ -21,14 +21,31 @@ TASK_LIST = "tasks.task.list"
 
 
 @dataclass(frozen=True)
-class FlowInfo:
+class FlowRow:
+    """One flow as the app shows it: read from the portal, kept in the snapshot, sent to the
+    page (`as_json`: the page's keys) and added by id."""
+
     flow_id: int
     name: str
     active: bool
     efficiency: int | None
 
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.flow_id,
+            "name": self.name,
+            "active": self.active,
+            "efficiency": self.efficiency,
+        }
+
     @classmethod
-    def from_api(cls, raw: Mapping[str, Any]) -> FlowInfo:
+    def from_json(cls, data: Mapping[str, Any]) -> FlowRow:
+        """The inverse of `as_json` (a snapshot read back from Redis)."""
+        eff = data.get("efficiency")
+        return cls(int(data["id"]), str(data["name"]), bool(data["active"]), eff)
+
+    @classmethod
+    def from_api(cls, raw: Mapping[str, Any]) -> FlowRow:
         eff = raw.get("efficiency")
         return cls(
             flow_id=int(raw.get("id") or raw.get("ID") or 0),
@@ -46,11 +63,11 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def flow_list(client: PortalClient, token: str) -> list[FlowInfo]:
+def flow_list(client: PortalClient, token: str) -> list[FlowRow]:
     """Every flow the token's user can see: pages of 50 via `start` (no total/next)."""
     params = {"select": ["ID", "NAME", "ACTIVE", "EFFICIENCY"], "order": {"ID": "ASC"}}
     flows = [
-        FlowInfo.from_api(item)
+        FlowRow.from_api(item)
         for item in client.paginate(FLOW_LIST, params, token=token)
         if isinstance(item, Mapping)
     ]
@@ -73,9 +90,9 @@ def flow_ids_from_tasks(client: PortalClient, token: str, *, max_pages: int = 40
 
 def flow_get_many(
     client: PortalClient, token: str, flow_ids: Iterable[int]
-) -> tuple[dict[int, FlowInfo], dict[int, BitrixError]]:
+) -> tuple[dict[int, FlowRow], dict[int, BitrixError]]:
     """Read flows by id, 50 per batch call. Returns (found, errors by flow id)."""
-    found: dict[int, FlowInfo] = {}
+    found: dict[int, FlowRow] = {}
     failed: dict[int, BitrixError] = {}
     ids = sorted(set(flow_ids))
     for start in range(0, len(ids), BATCH_LIMIT):
@@ -86,9 +103,9 @@ def flow_get_many(
             if key in result.errors:
                 failed[fid] = result.errors[key]
             elif isinstance(result.results.get(key), Mapping):
-                info = FlowInfo.from_api(result.results[key])
+                info = FlowRow.from_api(result.results[key])
                 found[fid] = (
-                    info if info.flow_id else FlowInfo(fid, info.name, info.active, info.efficiency)
+                    info if info.flow_id else FlowRow(fid, info.name, info.active, info.efficiency)
                 )
             else:
                 failed[fid] = BadRequest("NO_ANSWER", "the batch gave no answer for this flow")

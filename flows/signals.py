@@ -8,7 +8,7 @@ from django.dispatch import receiver
 
 from b24app.models import Portal
 from b24app.services import portal_uninstalled
-from flows.services import cancel_portal_work
+from flows.intents import cancel_portal_work
 
 
 @receiver(portal_uninstalled)

@@ -1,10 +1,10 @@
 from django.urls import path
 
-from flows import views
+from flows import api
 
 urlpatterns = [
-    path("api/pin", views.pin, name="flows-pin"),
-    path("api/status", views.status, name="flows-status"),
-    path("api/add", views.add_flow, name="flows-add"),
-    path("api/rows", views.rows, name="flows-rows"),
+    path("api/pin", api.pin, name="flows-pin"),
+    path("api/status", api.status, name="flows-status"),
+    path("api/add", api.add_flow, name="flows-add"),
+    path("api/rows", api.rows, name="flows-rows"),
 ]

@@ -88,7 +88,7 @@ def wait_for_flow_list(member_id: str, user_id: int, seconds: float = 30) -> Non
     import time
 
     from b24app.models import Portal
-    from flows.services import snapshot_get
+    from flows.snapshots import get as snapshot_get
     from flows.tasks import refresh_snapshot
 
     stored = Portal.objects.get(member_id=member_id)
@@ -123,7 +123,7 @@ def settle_background_work(seconds: float = 30) -> None:
     test compares is not changed under it by a job an earlier step queued."""
     import time
 
-    from flows.tasks import pending_refreshes
+    from flows.snapshots import pending_refreshes
 
     if not WORKER["running"]:
         return  # nothing consumes the queue: nothing can change under the test

@@ -21,8 +21,9 @@ from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import RateLimited, ResponseLost
 from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE, PortalRateLimiter, redis_client
 from b24app.tasks import bind_handlers
-from flows import services, tasks
+from flows import converge, intents, tasks
 from flows.models import PinIntent
+from flows.outcome import Kind, Outcome
 from tests.flows.conftest import USER
 from tests.helpers import (
     api,
@@ -57,12 +58,20 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 # --- fenced convergence -----------------------------------------------------------------------
 
 
+def _name(outcome: Outcome) -> Any:
+    """A run's end as the tests below compare it: its stats, or why it stopped."""
+    if outcome.reason == "busy":
+        return "Busy"
+    if outcome.reason == converge.LOCK_LOST:
+        return "LockLost"
+    return outcome.stats
+
+
 def _converge_in_thread(portal_id: int, results: list[Any], ttl_ms: int) -> threading.Thread:
     def run() -> None:
         try:
-            results.append(services.converge_user(portal_id, USER, lock_ttl_ms=ttl_ms))
-        except (services.Busy, services.LockLost) as exc:
-            results.append(type(exc).__name__)
+            outcome = converge.converge_user(portal_id, USER, lock_ttl_ms=ttl_ms)
+            results.append(_name(outcome))
         finally:
             connection.close()
 
@@ -76,7 +85,7 @@ def test_a_round_slower_than_the_lock_ttl_keeps_the_lock_and_toggles_once(
 ) -> None:
     portal = opened["portal"]
     flows = visible_to(sandbox, USER)[:3]
-    services.pin_intent_set(portal, USER, flows, True)
+    intents.set_desired(portal, USER, flows, True)
     sb(sandbox, "config", {"portal": "alpha", "latency_ms": 1500})  # a round: 1.5 s; TTL: 0.6 s
     results: list[Any] = []
     first = _converge_in_thread(portal.pk, results, ttl_ms=600)
@@ -94,7 +103,7 @@ def test_a_round_slower_than_the_lock_ttl_keeps_the_lock_and_toggles_once(
 def test_a_run_that_loses_its_lock_claims_nothing(sandbox: Any, opened: dict[str, Any]) -> None:
     portal = opened["portal"]
     flows = visible_to(sandbox, USER)[:2]
-    services.pin_intent_set(portal, USER, flows, True)
+    intents.set_desired(portal, USER, flows, True)
     sb(sandbox, "config", {"portal": "alpha", "latency_ms": 1200})
     results: list[Any] = []
     run = _converge_in_thread(portal.pk, results, ttl_ms=600)
@@ -162,7 +171,7 @@ def test_unreadable_pin_answers_end_in_words_after_a_bounded_number_of_calls(
         time.sleep(0.3)
     assert set(PinIntent.objects.values_list("status", "problem")) == {("failed", "gave_up")}
     toggles = state(sandbox)["counters"]["pin_toggles"] - calls_before
-    assert toggles == len(flows) * services.MAX_TOGGLES  # bounded: then it says so and stops
+    assert toggles == len(flows) * converge.MAX_TOGGLES  # bounded: then it says so and stops
 
 
 # --- bounded work -------------------------------------------------------------------------------
@@ -187,7 +196,7 @@ def test_pins_are_accepted_only_for_flows_the_portal_has(
 def test_pending_pins_per_user_are_capped(
     sandbox: Any, opened: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(services, "MAX_PENDING_PER_USER", 3)
+    monkeypatch.setattr(intents, "MAX_PENDING_PER_USER", 3)
     flows = visible_to(sandbox, USER)[:5]
     first = api(
         opened["client"],
@@ -231,7 +240,7 @@ def test_settled_intents_are_pruned_after_the_retention_but_a_pin_is_remembered(
             observed=observed,
         )
         PinIntent.objects.filter(flow_id=flow_id).update(updated_at=when)
-    assert services.prune_settled_intents() == 2
+    assert intents.prune_settled() == 2
     assert sorted(PinIntent.objects.values_list("flow_id", flat=True)) == [1, 4, 5]
 
 
@@ -384,17 +393,14 @@ def test_outages_do_not_use_up_the_budget_for_unexpected_errors(
 ) -> None:
     """Five outage retries, then one bug: that is one unexpected error, not the fifth."""
     portal = opened["portal"]
-    services.pin_intent_set(portal, USER, visible_to(sandbox, USER)[:1], True)
-    for _ in range(tasks.MAX_UNEXPECTED_FAILURES):
-        tasks._count_failure(portal.pk, USER)  # what an outage's backoff counts
-
-    class CeleryTask:  # stands in for Celery's bound task: its retry() is what is asked for
-        def retry(self, countdown: float) -> Exception:
-            return RuntimeError(f"retry in {countdown:.1f} s")
-
-    with pytest.raises(RuntimeError, match="retry in"):
-        try:
-            raise ValueError("a bug")
-        except ValueError:
-            tasks._unexpected_failure(CeleryTask(), portal.pk, USER)
+    intents.set_desired(portal, USER, visible_to(sandbox, USER)[:1], True)
+    for _ in range(converge.MAX_UNEXPECTED_FAILURES):
+        converge.count_failure(portal.pk, USER)  # what an outage's backoff counts
+    outcome = converge.unexpected_failure(portal.pk, USER)
+    assert outcome.kind is Kind.RETRY and outcome.delay >= 1.0
     assert PinIntent.objects.get().status == PinIntent.Status.PENDING
+    for _ in range(converge.MAX_UNEXPECTED_FAILURES - 2):
+        assert converge.unexpected_failure(portal.pk, USER).kind is Kind.RETRY
+    given_up = converge.unexpected_failure(portal.pk, USER)  # the fifth unexpected one
+    assert given_up.kind is Kind.FINAL
+    assert PinIntent.objects.get().problem == PinIntent.Problem.INTERNAL

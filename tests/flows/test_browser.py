@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from flows import views
+from flows import page as flows_page
 from tests.helpers import install, portal_pins, sb, settle_background_work, visible_to
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.services]
@@ -117,7 +117,7 @@ def test_the_open_page_updates_in_place_when_flows_change_in_bitrix24(
 ) -> None:
     """A flow created, one renamed, one removed in Bitrix24 while the page is open: the page
     shows all three without a reload, keeping a pin and the search filter."""
-    monkeypatch.setattr(views, "PAGE_REFRESH_SECONDS", 2, raising=False)  # sped up
+    monkeypatch.setattr(flows_page, "PAGE_REFRESH_SECONDS", 2, raising=False)  # sped up
     page, frame = page_for(2)
     _loaded(frame)
     rows = frame.locator("tr[data-flow-id]")

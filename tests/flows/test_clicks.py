@@ -51,11 +51,11 @@ def test_a_click_is_one_statement(
     [intent] = answer.json()["intents"]
     assert (intent["flow_id"], intent["desired"], intent["status"]) == (flows[0], True, "pending")
     stored = PinIntent.objects.get()
-    assert (stored.user_id, stored.flow_id, stored.desired, stored.seq) == (USER, flows[0], True, 1)
-    # The same flow again: the row is updated in place, its seq bumped.
+    assert (stored.user_id, stored.flow_id, stored.desired) == (USER, flows[0], True)
+    # The same flow again: the row is updated in place, the latest click wins.
     assert click(client, token, {"flow_id": flows[0], "pinned": False}).status_code == 202
-    stored = PinIntent.objects.get()
-    assert (stored.desired, stored.seq, stored.status) == (False, 2, "pending")
+    again = PinIntent.objects.get()
+    assert (again.pk, again.desired, again.status) == (stored.pk, False, "pending")
     # A bulk request also counts what is pending (the cap): two statements.
     with CaptureQueriesContext(connection) as queries:
         assert click(client, token, {"flow_ids": flows, "pinned": True}).status_code == 202
@@ -75,7 +75,7 @@ def test_clicks_while_a_run_is_in_flight_queue_at_most_one_more(
         body = {"flow_id": flows[turn % 4], "pinned": turn % 3 == 0}
         assert click(client, token, body).status_code == 202
     assert len(runs_queued) == 1
-    tasks._run_finished(portal.pk, USER)  # the run ends with clicks it may not have seen
+    tasks.run_finished(portal.pk, USER)  # the run ends with clicks it may not have seen
     assert len(runs_queued) == 2
     for turn in range(5):
         assert click(client, token, {"flow_id": flows[turn % 4], "pinned": True}).status_code == 202

@@ -13,7 +13,7 @@ from django.test import Client
 
 from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
-from flows import services, tasks, views
+from flows import apiauth, listing, page, snapshots, tasks
 from tests.flows.conftest import USER
 from tests.helpers import api, install, open_app, sb
 
@@ -36,7 +36,7 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 
 def _age_snapshot(portal: Portal, seconds: float) -> None:
     """Make the user's snapshot look `seconds` older, as time passing would."""
-    for key in (services._snapshot_key(portal, USER), services._snapshot_meta_key(portal, USER)):
+    for key in (snapshots.snapshot_key(portal, USER), snapshots.meta_key(portal, USER)):
         data = json.loads(redis_client().get(key))
         data["fetched_at"] -= seconds
         redis_client().set(key, json.dumps(data))
@@ -89,7 +89,7 @@ def test_a_page_open_refreshes_any_snapshot_but_one_only_seconds_old(
 ) -> None:
     client, portal = opened["client"], opened["portal"]
     assert open_app(client, sandbox, USER) and enqueued == []  # fetched a moment ago
-    _age_snapshot(portal, tasks.REFRESH_SKIP_SECONDS + 1)  # well under the old 20 s
+    _age_snapshot(portal, listing.REFRESH_SKIP_SECONDS + 1)  # well under the old 20 s
     open_app(client, sandbox, USER)
     assert len(enqueued) == 1
 
@@ -98,18 +98,18 @@ def test_a_flow_added_by_id_survives_a_list_fetched_before_the_add(
     sandbox: Any, opened: dict[str, Any]
 ) -> None:
     client, token, portal = opened["client"], opened["token"], opened["portal"]
-    before = services.snapshot_get(portal, USER)
+    before = snapshots.get(portal, USER)
     assert before is not None
     hidden = sb(sandbox, "p/alpha/flow", {"name": "Только по ссылке", "access": ["U2"]})["created"]
     started = time.time() - 1  # a fetch that asked before the add and lands after it
     added = api(client, token, "POST", "/flows/api/add", {"flow": f"/flow/{hidden}/"}).json()
     assert added["flow"]["id"] == hidden and added["version"] > before.version
-    older_list = services.Snapshot(flows=list(before.flows), fetched_at=started, source="list")
-    landed = services._snapshot_put(portal, USER, older_list, started=started)
-    assert hidden in {f["id"] for f in landed.flows} and landed.version > added["version"]
-    newer_list = services.Snapshot(flows=list(before.flows), fetched_at=time.time(), source="list")
-    truth = services._snapshot_put(portal, USER, newer_list, started=time.time())
-    assert hidden not in {f["id"] for f in truth.flows}  # a later list tells the truth
+    older_list = snapshots.Snapshot(flows=list(before.flows), fetched_at=started, source="list")
+    landed = snapshots.put(portal, USER, older_list, started=started)
+    assert hidden in {f.flow_id for f in landed.flows} and landed.version > added["version"]
+    newer_list = snapshots.Snapshot(flows=list(before.flows), fetched_at=time.time(), source="list")
+    truth = snapshots.put(portal, USER, newer_list, started=time.time())
+    assert hidden not in {f.flow_id for f in truth.flows}  # a later list tells the truth
 
 
 def test_status_by_post_names_only_the_asked_flows_and_at_most_a_chunk(
@@ -127,7 +127,7 @@ def test_status_by_post_names_only_the_asked_flows_and_at_most_a_chunk(
     assert api(client, token, "POST", "/flows/api/status", {"flow_ids": []}).json() == {
         "intents": []
     }
-    too_many = list(range(1, views.MAX_FLOWS_PER_REQUEST + 2))
+    too_many = list(range(1, apiauth.MAX_FLOWS_PER_REQUEST + 2))
     assert (
         api(client, token, "POST", "/flows/api/status", {"flow_ids": too_many}).status_code == 400
     )
@@ -147,7 +147,7 @@ def test_a_pin_all_of_a_thousand_flows_fits_the_per_user_limits(sandbox: Any) ->
     ids = [row["id"] for row in api(client, token, "GET", "/flows/api/rows").json()["rows"]]
     ids = ids[:1000]
     assert len(ids) == 1000
-    chunk = views.MAX_FLOWS_PER_REQUEST
+    chunk = apiauth.MAX_FLOWS_PER_REQUEST
     chunks = [ids[i : i + chunk] for i in range(0, len(ids), chunk)]
     too_big = api(client, token, "POST", "/flows/api/pin", {"flow_ids": ids, "pinned": True})
     assert too_big.status_code == 400  # the API caps a request at 500 ids
@@ -180,7 +180,7 @@ def test_the_page_script_gets_russian_plural_forms_it_can_pick_from(n: int, expe
     from django.utils import translation
 
     with translation.override("ru"):
-        plurals = views.plurals_js(
+        plurals = page.plurals_js(
             {
                 "pinned_n": lambda k: translation.ngettext(
                     "%(count)s flow pinned", "%(count)s flows pinned", k

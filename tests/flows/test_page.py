@@ -13,7 +13,7 @@ from django.test import Client
 from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
 from flows.models import Flow, PinIntent
-from flows.services import _snapshot_key
+from flows.snapshots import snapshot_key
 from tests.helpers import install, open_page, page_token, sb, state, visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -107,7 +107,7 @@ def test_older_portals_without_flow_list_learn_flows_from_tasks_and_memory(sandb
     open_page(client, sandbox, 1)  # the admin's list teaches the app every flow of the portal
     assert Flow.objects.count() == len(state(sandbox)["flows"])
     sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})
-    redis_client().delete(_snapshot_key(Portal.objects.get(), 2))  # a fresh render for user 2
+    redis_client().delete(snapshot_key(Portal.objects.get(), 2))  # a fresh render for user 2
     response = open_page(client, sandbox, 2)
     assert set(shown_flow_ids(response)) == set(visible_to(sandbox, 2))
     counters = state(sandbox)["counters"]["calls"]

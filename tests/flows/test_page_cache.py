@@ -18,7 +18,7 @@ from django.test.utils import CaptureQueriesContext
 from b24app import frame
 from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
-from flows import services, tasks, views
+from flows import apiauth, snapshots, tasks
 from flows.models import PinIntent
 from tests.helpers import install, launch, open_page, post_frame, sb, state, visible_to
 
@@ -48,7 +48,7 @@ def page_data(response: Any) -> dict[str, Any]:
 def token_claims(response: Any) -> dict[str, Any]:
     token = re.search(r'data-token="([^"]+)"', response.content.decode())
     assert token
-    return dict(signing.loads(token.group(1), salt=views.TOKEN_SALT))
+    return dict(signing.loads(token.group(1), salt=apiauth.TOKEN_SALT))
 
 
 def nonces(response: Any) -> set[str]:
@@ -84,8 +84,8 @@ def test_warm_pages_of_two_users_two_portals_and_two_languages_never_mix(sandbox
     same = time.time()
     for name, user_id, _ in people:
         for key in (
-            services._snapshot_key(portals[name], user_id),
-            services._snapshot_meta_key(portals[name], user_id),
+            snapshots.snapshot_key(portals[name], user_id),
+            snapshots.meta_key(portals[name], user_id),
         ):
             data = json.loads(redis_client().get(key))  # type: ignore[arg-type]
             data.update(version=7, fetched_at=same)
@@ -114,10 +114,7 @@ def test_warm_pages_of_two_users_two_portals_and_two_languages_never_mix(sandbox
                 assert "Поиск потоков" in html and "Search flows" not in html
             else:
                 assert "Search flows" in html and "Поиск потоков" not in html
-            assert (
-                page_data(response)["version"]
-                == services.snapshot_meta(portals[name], user_id).version
-            )  # type: ignore[union-attr]
+            assert page_data(response)["version"] == snapshots.meta(portals[name], user_id).version  # type: ignore[union-attr]
 
 
 def test_a_new_snapshot_version_shows_in_the_next_render(sandbox: Any) -> None:
@@ -169,7 +166,7 @@ def test_a_snapshot_gone_while_its_version_lingers_renders_the_loading_state(
     install(client, sandbox)
     open_page(client, sandbox, 2)
     portal = Portal.objects.get()
-    redis_client().delete(services._snapshot_key(portal, 2))  # the meta key stays
+    redis_client().delete(snapshots.snapshot_key(portal, 2))  # the meta key stays
     response = post_frame(client, launch(sandbox, "alpha", 2, lang="en"))
     assert 'data-loading="1"' in response.content.decode() and rows(response) == []
     assert page_data(response)["version"] is None
@@ -199,13 +196,13 @@ def test_a_warm_reopen_reads_neither_the_snapshot_nor_app_info_again(
     assert post_frame(client, launched).status_code == 200
     asked = len(app_info_calls)
     read: list[str] = []
-    original = services.snapshot_get
+    original = snapshots.get
 
-    def counting(portal: Portal, user_id: int) -> services.Snapshot | None:
+    def counting(portal: Portal, user_id: int) -> snapshots.Snapshot | None:
         read.append("snapshot")
         return original(portal, user_id)
 
-    monkeypatch.setattr(services, "snapshot_get", counting)
+    monkeypatch.setattr(snapshots, "get", counting)
     with CaptureQueriesContext(connection) as queries:
         response = post_frame(client, launched)
     assert response.status_code == 200 and rows(response)

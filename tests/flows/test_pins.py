@@ -11,8 +11,10 @@ import pytest
 from django.test import Client
 
 from b24app.models import Portal, PortalUser
-from flows import services
+from flows import converge as engine
+from flows import intents
 from flows.models import PinIntent
+from flows.outcome import Kind
 from tests.helpers import install, open_app, portal_pins, sb, state, visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -24,17 +26,17 @@ def converge(user_id: int, rounds: int = 60) -> dict[str, int]:
     total = {"runs": 0}
     for _ in range(rounds):
         total["runs"] += 1
-        try:
-            return {**services.converge_user(portal.pk, user_id), **total}
-        except services.RetryLater as exc:
-            if exc.delay < 0:
-                return total
-            time.sleep(min(exc.delay, 0.2))
+        outcome = engine.converge_user(portal.pk, user_id)
+        if outcome.kind is Kind.DONE:
+            return {**outcome.stats, **total}
+        if outcome.kind is Kind.FINAL:
+            return total
+        time.sleep(min(outcome.delay, 0.2))
     raise AssertionError("did not converge")
 
 
 def want(user_id: int, flow_ids: list[int], pinned: bool) -> None:
-    services.pin_intent_set(Portal.objects.get(), user_id, flow_ids, pinned)
+    intents.set_desired(Portal.objects.get(), user_id, flow_ids, pinned)
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from django.core import signing
 from django.test import Client
 
 from b24app.models import Portal
+from flows.apiauth import TOKEN_SALT
 from flows.models import Flow, PinIntent
-from flows.views import TOKEN_SALT
 from tests.faults.drive import click, wait_settled
 from tests.helpers import install, open_app, portal_pins, sb, state
 

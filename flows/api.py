@@ -1,0 +1,236 @@
+"""The page's JSON endpoints: a click (`pin`), the intents' status, the rows when the list
+changes, and adding a flow by id or link."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from b24app import services as portal_services
+from b24app.bitrix.errors import AccessDenied, TransientError
+from b24app.models import Portal, PortalUser
+from flows import intents, listing, snapshots, tasks
+from flows.apiauth import MAX_FLOWS_PER_REQUEST, PageClaims, api, api_claims, json_body, page_auth
+from flows.listing import REFRESH_SKIP_SECONDS
+from flows.models import PinIntent
+from flows.rows import intent_json, problem_text, rows_for
+
+log = logging.getLogger(__name__)
+
+
+@require_POST
+@api_claims
+def pin(request: HttpRequest, claims: PageClaims) -> HttpResponse:
+    """Record the click and answer at once; a Celery task converges the portal to it.
+
+    The hot path is one statement (intents.set_desired: known flows only, active portal,
+    known user) and a look at the user's queued marker; the reason a click was refused is
+    looked up only when it was."""
+    body = json_body(request)
+    raw_ids = body.get("flow_ids", [body.get("flow_id")])
+    desired = body.get("pinned")
+    if not isinstance(desired, bool):
+        return JsonResponse({"error": _("Say whether the flow should be pinned.")}, status=400)
+    if not isinstance(raw_ids, list) or not raw_ids or len(raw_ids) > MAX_FLOWS_PER_REQUEST:
+        return JsonResponse({"error": _("Name the flows to pin.")}, status=400)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids):
+        return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
+    flow_ids = list(dict.fromkeys(raw_ids))
+    portal_id, user_id = claims.portal_id, claims.user_id
+    try:
+        if len(flow_ids) > 1:  # a single click cannot push the count far (and is the hot path)
+            intents.check_pending_room(portal_id, user_id, len(flow_ids))
+    except intents.TooMuchPending:
+        return JsonResponse(
+            {"error": _("Too many of your pins are still waiting; try again when they are done.")},
+            status=429,
+        )
+    try:
+        recorded = intents.set_desired(portal_id, user_id, flow_ids, desired, known_only=True)
+    except intents.NotRecorded:
+        return _not_recorded(request, portal_id, flow_ids)
+    if any(i.status == PinIntent.Status.PENDING for i in recorded):
+        try:
+            tasks.enqueue_converge(portal_id, user_id)
+        except Exception:
+            log.warning("could not queue pin work for portal %s", portal_id)
+            return JsonResponse(
+                {
+                    "error": _(
+                        "The pin queue is not available right now. Your choice is saved and "
+                        "will be applied when it is back."
+                    ),
+                    "intents": [intent_json(i) for i in recorded],
+                },
+                status=503,
+            )
+    return JsonResponse({"intents": [intent_json(i) for i in recorded]}, status=202)
+
+
+def _not_recorded(request: HttpRequest, portal_id: int, flow_ids: list[int]) -> HttpResponse:
+    """Why a click recorded nothing, in words: the portal or user is gone (page_auth says so),
+    or some flow is not known on the portal."""
+    page_auth(request)
+    unknown = intents.unknown_flows(portal_id, flow_ids)
+    if unknown:
+        return JsonResponse(
+            {
+                "error": _("These flows are not known on your portal: %(ids)s.")
+                % {"ids": ", ".join(str(i) for i in unknown[:10])},
+                "unknown": unknown[:100],
+            },
+            status=400,
+        )
+    # Every check passes now: the portal learnt the flows, or the user opened the app, meanwhile.
+    return JsonResponse({"error": _("Your click was not saved; please try again.")}, status=409)
+
+
+@require_http_methods(["GET", "POST"])
+@api
+def status(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
+    """The intents of the named flows (every intent of the user when none are named).
+
+    The page POSTs `{"flow_ids": [...]}` (at most MAX_FLOWS_PER_REQUEST a request), so no URL
+    grows with a Pin all; `GET ?ids=1,2,3` stays for short lists.
+    """
+    if request.method == "POST":
+        raw_ids = json_body(request).get("flow_ids")
+        if not isinstance(raw_ids, list) or len(raw_ids) > MAX_FLOWS_PER_REQUEST:
+            return JsonResponse(
+                {
+                    "error": ngettext(
+                        "Name at most %(count)d flow a request.",
+                        "Name at most %(count)d flows a request.",
+                        MAX_FLOWS_PER_REQUEST,
+                    )
+                    % {"count": MAX_FLOWS_PER_REQUEST}
+                },
+                status=400,
+            )
+        if not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids
+        ):
+            return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
+        if not raw_ids:
+            return JsonResponse({"intents": []})
+        ids = list(dict.fromkeys(raw_ids))
+    else:
+        ids = [int(x) for x in request.GET.get("ids", "").split(",")[:1000] if _ID.match(x)]
+    qs = PinIntent.objects.filter(portal=portal, user_id=user.user_id)
+    if ids:
+        qs = qs.filter(flow_id__in=ids)
+    return JsonResponse({"intents": [intent_json(i) for i in qs]})
+
+
+_ID = re.compile(r"^[0-9]{1,10}$")  # ASCII only: "²".isdigit() is True, int("²") fails
+_FLOW_ID_IN_TEXT = re.compile(r"([0-9]{1,10})(?!.*[0-9])", re.DOTALL)
+
+
+def _seconds(raw: str | None) -> float | None:
+    try:
+        value = float(raw) if raw else None
+    except ValueError:
+        return None
+    return value if value is not None and 0 <= value < 10**6 else None
+
+
+@require_GET
+@api
+def rows(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
+    """The user's rows from the latest snapshot, for the open page to update itself in place.
+
+    `since`: the snapshot version the page shows; when it is still the latest, the answer is
+    "unchanged" without any rows (read from a small key, not the snapshot). `max_age`: the
+    page wants a list no older than this many seconds; a refresh is queued when the snapshot
+    is older (unless it is only seconds old, one is in flight, or the last one failed just now).
+    The answer says whether a refresh is in flight, so the page knows to keep asking.
+    """
+    snap: snapshots.Snapshot | None = None
+    meta = snapshots.meta(portal, user.user_id)
+    if meta is None:  # none, or one written before snapshots had versions
+        snap = snapshots.get(portal, user.user_id)
+        if snap is None:
+            problem = snapshots.problem(portal, user.user_id)
+            if not problem:
+                tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
+            return JsonResponse({"loading": True, "problem": problem})
+        meta = snapshots.SnapshotMeta(version=snap.version, fetched_at=snap.fetched_at)
+    refreshing = snapshots.refresh_in_flight(portal.pk, user.user_id)
+    max_age = _seconds(request.GET.get("max_age"))
+    if (
+        max_age is not None
+        and not refreshing
+        and meta.age >= max(max_age, REFRESH_SKIP_SECONDS)
+        and not snapshots.problem(portal, user.user_id)
+    ):
+        try:
+            refreshing = tasks.request_snapshot_refresh(portal.pk, user.user_id)
+        except Exception:  # the broker is down: the page keeps what it shows
+            log.warning("could not queue a snapshot refresh")
+    answer: dict[str, Any] = {
+        "loading": False,
+        "version": meta.version,
+        "age": round(meta.age, 1),
+        "refreshing": refreshing,
+    }
+    if request.GET.get("since") == str(meta.version):
+        return JsonResponse({**answer, "unchanged": True})
+    snap = snap or snapshots.get(portal, user.user_id)
+    if snap is None:  # expired between the two reads
+        return JsonResponse({"loading": True, "problem": ""})
+    by_flow = intents.by_flow(portal, user)
+    answer.update(version=snap.version, age=round(snap.age, 1), rows=rows_for(snap.flows, by_flow))
+    return JsonResponse(answer)
+
+
+@require_POST
+@api
+def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
+    """Add a flow by its id or a link to it (the last number in the text).
+
+    Asked of the portal within the web deadline; if it is slower, the answer is "still
+    checking" and a worker finishes the job (the flow then appears with the page's rows).
+    """
+    text = str(json_body(request).get("flow", ""))[:500]
+    match = _FLOW_ID_IN_TEXT.search(text)
+    if not match or int(match.group(1)) <= 0:
+        return JsonResponse({"error": _("Paste a flow id or a link to the flow.")}, status=400)
+    flow_id = int(match.group(1))
+    try:
+        row = listing.add_by_id(portal, user, flow_id, deadline=True)
+    except AccessDenied:
+        return JsonResponse(
+            {"error": _("You cannot see this flow, or it does not exist.")}, status=404
+        )
+    except (portal_services.ReopenRequired, portal_services.ReinstallRequired):
+        return JsonResponse({"error": problem_text(PinIntent.Problem.REOPEN)}, status=409)
+    except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
+        try:
+            tasks.add_flow.delay(portal_id=portal.pk, user_id=user.user_id, flow_id=flow_id)
+        except Exception:
+            return JsonResponse({"error": problem_text(PinIntent.Problem.UNAVAILABLE)}, status=503)
+        return JsonResponse(
+            {
+                "pending": True,
+                "message": _(
+                    "Bitrix24 is slow to answer; still checking. "
+                    "The flow will appear when it answers."
+                ),
+            },
+            status=202,
+        )
+    meta = snapshots.meta(portal, user.user_id)
+    return JsonResponse(
+        {
+            "flow": row.as_json(),
+            # The snapshot version that holds this flow: the page keeps the row it adds
+            # against any older list it is sent.
+            "version": meta.version if meta else None,
+        }
+    )
