@@ -15,11 +15,12 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from b24app import services as portal_services
 from b24app.bitrix.errors import AccessDenied, TransientError
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem, words
 from flows import intents, listing, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, PageClaims, api, api_claims, json_body, page_auth
 from flows.listing import REFRESH_SKIP_SECONDS
 from flows.models import PinIntent
-from flows.rows import intent_json, problem_text, rows_for
+from flows.rows import intent_json, rows_for
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,7 @@ def pin(request: HttpRequest, claims: PageClaims) -> HttpResponse:
             log.warning("could not queue pin work for portal %s", portal_id)
             return JsonResponse(
                 {
-                    "error": _(
-                        "The pin queue is not available right now. Your choice is saved and "
-                        "will be applied when it is back."
-                    ),
+                    "error": words(Problem.QUEUE_DOWN),
                     "intents": [intent_json(i) for i in recorded],
                 },
                 status=503,
@@ -205,16 +203,14 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
     try:
         row = listing.add_by_id(portal, user, flow_id, deadline=True)
     except AccessDenied:
-        return JsonResponse(
-            {"error": _("You cannot see this flow, or it does not exist.")}, status=404
-        )
+        return JsonResponse({"error": words(Problem.NOT_VISIBLE)}, status=404)
     except (portal_services.ReopenRequired, portal_services.ReinstallRequired):
-        return JsonResponse({"error": problem_text(PinIntent.Problem.REOPEN)}, status=409)
+        return JsonResponse({"error": words(Problem.REOPEN)}, status=409)
     except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
         try:
             tasks.add_flow.delay(portal_id=portal.pk, user_id=user.user_id, flow_id=flow_id)
         except Exception:
-            return JsonResponse({"error": problem_text(PinIntent.Problem.UNAVAILABLE)}, status=503)
+            return JsonResponse({"error": words(Problem.UNAVAILABLE)}, status=503)
         return JsonResponse(
             {
                 "pending": True,

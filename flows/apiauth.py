@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem, words
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,7 @@ def api(view: Any, *, lookup: bool = True) -> Any:
             return JsonResponse({"error": exc.message}, status=exc.status)
         except RedisError:  # the shared rate limit and the queue live in Redis
             log.warning("%s: Redis is not answering", view.__name__)
-            return JsonResponse(
-                {"error": _("The app is briefly unavailable; try again in a minute.")}, status=503
-            )
+            return JsonResponse({"error": words(Problem.APP_UNAVAILABLE)}, status=503)
 
     wrapped.__name__ = view.__name__
     return wrapped

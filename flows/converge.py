@@ -20,6 +20,7 @@ from redis.exceptions import RedisError
 from b24app.bitrix.client import BATCH_LIMIT
 from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem
 from flows import intents
 from flows.lock import Busy, LockLost, UserLock
 from flows.models import PinIntent
@@ -154,7 +155,7 @@ def unexpected_failure(portal_id: int, user_id: int) -> Outcome:
     failures = count_failure(portal_id, user_id, UNEXPECTED)
     if failures < MAX_UNEXPECTED_FAILURES:
         return _retry_in(portal_id, user_id, backoff(failures, 1.0), "unexpected failure")
-    failed = intents.fail_pending(portal_id, user_id, PinIntent.Problem.INTERNAL)
+    failed = intents.fail_pending(portal_id, user_id, Problem.INTERNAL)
     _clear_failures(portal_id, user_id, UNEXPECTED)
     reason = f"gave up after {failures} unexpected failures ({failed} pins marked failed)"
     return replace(Outcome.final(reason), again=finish_run(portal_id, user_id))
@@ -203,7 +204,7 @@ def _settle_agreed(pending: list[PinIntent], stats: dict[str, int]) -> list[PinI
     finish(done, PinIntent.Status.DONE, "", observed=F("desired"))
     stats["done"] += len(done)
     exhausted = [i.pk for i in pending if not i.converged and i.toggles >= MAX_TOGGLES]
-    finish(exhausted, PinIntent.Status.FAILED, PinIntent.Problem.GAVE_UP, toggles__gte=MAX_TOGGLES)
+    finish(exhausted, PinIntent.Status.FAILED, Problem.GAVE_UP, toggles__gte=MAX_TOGGLES)
     stats["failed"] += len(exhausted)
     return [i for i in pending if not i.converged and i.toggles < MAX_TOGGLES]
 

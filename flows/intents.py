@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from b24app import frame
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem
 from flows.models import Flow, PinIntent
 
 # At most this many of one user's intents wait at a time: far above any real portal's flows,
@@ -162,7 +163,7 @@ def fail_pending(portal_id: int, user_id: int, problem: str) -> int:
 
 def cancel_portal_work(portal: Portal) -> int:
     return PinIntent.objects.filter(portal=portal, status=PinIntent.Status.PENDING).update(
-        status=PinIntent.Status.FAILED, problem=PinIntent.Problem.REINSTALL
+        status=PinIntent.Status.FAILED, problem=Problem.REINSTALL
     )
 
 

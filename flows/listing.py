@@ -13,6 +13,7 @@ from django.conf import settings
 from b24app import services as portal_services
 from b24app.bitrix.errors import MethodNotFound, TransientError
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem
 from flows import remote, snapshots
 from flows.models import Flow
 from flows.remote import FlowRow
@@ -74,15 +75,15 @@ def fetch(portal: Portal, user: PortalUser, *, bulk: bool = False) -> Snapshot:
     return snapshots.put(portal, user.user_id, snap, started=started)
 
 
-def fetch_problem(exc: BaseException) -> str:
-    """The page's word for why a fetch failed."""
+def fetch_problem(exc: BaseException) -> Problem:
+    """Why a fetch of the list failed, as the page waiting on it shows it."""
     if isinstance(exc, portal_services.ReopenRequired):
-        return "reopen"
+        return Problem.REOPEN
     if isinstance(exc, portal_services.ReinstallRequired):
-        return "reinstall"
+        return Problem.REINSTALL
     if isinstance(exc, TransientError):
-        return "busy"
-    return "failed"
+        return Problem.LIST_BUSY
+    return Problem.LIST_REFUSED
 
 
 def refresh(portal_id: int, user_id: int, *, interactive: bool = False, force: bool = False) -> str:

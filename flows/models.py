@@ -6,6 +6,7 @@ from django.db import models
 from django.utils import timezone
 
 from b24app.models import Portal
+from b24app.problems import Problem
 
 
 class Flow(models.Model):
@@ -47,16 +48,6 @@ class PinIntent(models.Model):
         PENDING = "pending", "pending"
         DONE = "done", "done"
         FAILED = "failed", "failed"
-
-    class Problem(models.TextChoices):
-        NONE = "", "none"
-        DENIED = "denied", "you can no longer see this flow"
-        RATE_LIMITED = "rate_limited", "waiting for Bitrix24 (rate limit)"
-        UNAVAILABLE = "unavailable", "Bitrix24 is not answering; retrying"
-        REOPEN = "reopen", "please reopen the app"
-        REINSTALL = "reinstall", "the app must be reinstalled"
-        GAVE_UP = "gave_up", "could not confirm the state"
-        INTERNAL = "internal", "the app failed repeatedly"
 
     portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="pin_intents")
     user_id = models.PositiveIntegerField()

@@ -24,6 +24,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext, trans_real
 
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem, words
 from flows import intents, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, page_token
 from flows.listing import REFRESH_SKIP_SECONDS
@@ -62,7 +63,14 @@ def plurals_js(messages: dict[str, Callable[[int], str]]) -> dict[str, Any]:
 # template text holds and autoescaping leaves alone.
 _SLOT = re.compile("\ue000fp-slot-(\\w+)\ue000")
 _SLOTS = ("domain", "csp_nonce", "page_token", "page_js", "rows_json")
-_KNOWN_PROBLEMS = {"reopen", "reinstall", "busy", "failed"}
+# Why the list is not there yet, as a notice the page shows by code (and switches by the `rows`
+# endpoint's answer): each problem a fetch of the list ends with, and the notice's tone.
+LIST_PROBLEMS = {
+    Problem.REOPEN: "err",
+    Problem.REINSTALL: "err",
+    Problem.LIST_BUSY: "warn",
+    Problem.LIST_REFUSED: "err",
+}
 _SHELLS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
@@ -87,6 +95,9 @@ def _shell(loading: bool, problem: str) -> tuple[str, ...]:
                 "problem": problem,
                 "bx24_js": settings.B24_JS_SDK_URL,
                 "messages_js": _page_messages(lang),
+                "list_problems": [
+                    (code, tone, words(code)) for code, tone in LIST_PROBLEMS.items()
+                ],
                 **{name: mark_safe(_slot(name)) for name in _SLOTS},  # noqa: S308  (ours)
             },
         )
@@ -162,7 +173,7 @@ def app_page(
     else:
         by_flow = intents.by_flow(portal, user)
     lang = translation.get_language() or "en"
-    problem = status.problem if loading and status.problem in _KNOWN_PROBLEMS else ""
+    problem = status.problem if loading and status.problem in LIST_PROBLEMS else ""
     page_js = {
         "version": rows.version if rows else None,
         "refresh_seconds": PAGE_REFRESH_SECONDS,

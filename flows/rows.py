@@ -15,34 +15,22 @@ from typing import Any
 from django.utils.translation import gettext as _
 
 from b24app.models import Portal
+from b24app.problems import words
 from flows import snapshots
 from flows.intents import IntentState
 from flows.models import PinIntent
 from flows.remote import FlowRow
 
 
-def problem_text(problem: str) -> str:
-    texts: dict[str, str] = {
-        PinIntent.Problem.DENIED: _("You can no longer see this flow."),
-        PinIntent.Problem.RATE_LIMITED: _("Waiting for Bitrix24 (rate limit)…"),
-        PinIntent.Problem.UNAVAILABLE: _("Bitrix24 is not answering; retrying…"),
-        PinIntent.Problem.REOPEN: _("Please reopen the app: your Bitrix24 session has ended."),
-        PinIntent.Problem.REINSTALL: _("The app must be reinstalled by an administrator."),
-        PinIntent.Problem.GAVE_UP: _("Could not confirm the state with Bitrix24; try again."),
-        PinIntent.Problem.INTERNAL: _("Flow Pins could not apply this; try again later."),
-    }
-    return texts.get(problem, "")
-
-
 def intent_json(intent: PinIntent | IntentState) -> dict[str, Any]:
     if intent.status == PinIntent.Status.PENDING:
         text = _("Pinning…") if intent.desired else _("Unpinning…")
         if intent.problem:
-            text = problem_text(intent.problem)
+            text = words(intent.problem)
     elif intent.status == PinIntent.Status.DONE:
         text = _("Pinned.") if intent.observed else _("Unpinned.")
     else:
-        text = problem_text(intent.problem)
+        text = words(intent.problem)
     return {
         "flow_id": intent.flow_id,
         "desired": intent.desired,

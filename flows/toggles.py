@@ -33,6 +33,7 @@ from b24app.bitrix.errors import (
 )
 from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem
 from flows import intents, remote
 from flows.lock import LockLost, UserLock
 from flows.models import PinIntent
@@ -224,16 +225,16 @@ def _request_failed(
     """What a whole request's failure means for the run and for the flows in it."""
     pks = [i.pk for i in chunk.values()]
     if isinstance(exc, portal_services.ReopenRequired):
-        _stop_all(portal, user, PinIntent.Problem.REOPEN)
+        _stop_all(portal, user, Problem.REOPEN)
         stats["failed"] += len(pks)
         return Outcome.final("reopen")
     if isinstance(exc, portal_services.ReinstallRequired | PortalGone):
         if isinstance(exc, PortalGone):
             portal_services.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
-        _stop_all(portal, user, PinIntent.Problem.REINSTALL)
+        _stop_all(portal, user, Problem.REINSTALL)
         return Outcome.final("reinstall")
     if isinstance(exc, RateLimited | OperationTimeLimit):
-        _mark_problem(pks, PinIntent.Problem.RATE_LIMITED)
+        _mark_problem(pks, Problem.RATE_LIMITED)
         if isinstance(exc, RateLimited):
             return Outcome.retry(exc.retry_after, "rate limited", exact=True, progress=progress)
         wait = max(1.0, exc.reset_at - time.time())
@@ -243,14 +244,14 @@ def _request_failed(
         # and these flows wait until the portal must be done with them; the others go on.
         quiet_until = timezone.now() + timedelta(seconds=quiet_period(exc))
         record_answers({fid: None for fid in chunk}, chunk, not_before=quiet_until)
-        _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
+        _mark_problem(pks, Problem.UNAVAILABLE)
         return "lost"
     if isinstance(exc, TransientError):
-        _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
+        _mark_problem(pks, Problem.UNAVAILABLE)
         return Outcome.retry(2.0, "portal unavailable", progress=progress)
     # Permanent, for the whole request.
     log.warning("pin request failed permanently: %s", getattr(exc, "code", type(exc).__name__))
-    finish(pks, PinIntent.Status.FAILED, PinIntent.Problem.GAVE_UP)
+    finish(pks, PinIntent.Status.FAILED, Problem.GAVE_UP)
     stats["failed"] += len(pks)
     return "answered"
 
@@ -286,7 +287,7 @@ def _read_answers(
     if unreadable:
         record_answers(unreadable, chunk, count=True)
     if denied:
-        finish(denied, PinIntent.Status.FAILED, PinIntent.Problem.DENIED)
+        finish(denied, PinIntent.Status.FAILED, Problem.DENIED)
         stats["failed"] += len(denied)
     if transient_failure and not observed and not unreadable:
         return Outcome.retry(2.0, "sub-commands failed", progress=progress)

@@ -20,6 +20,7 @@ from django.utils import timezone
 from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import RateLimited, ResponseLost
 from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE, PortalRateLimiter, redis_client
+from b24app.problems import Problem
 from b24app.tasks import bind_handlers
 from flows import converge, intents, tasks
 from flows.models import PinIntent
@@ -144,7 +145,7 @@ def test_an_undecryptable_token_backs_off_then_fails_the_pins_with_words(
         intent.refresh_from_db()
     elapsed = time.monotonic() - started
     assert intent.status == PinIntent.Status.FAILED
-    assert intent.problem == PinIntent.Problem.INTERNAL
+    assert intent.problem == Problem.INTERNAL
     assert elapsed > 4  # five runs with growing backoff between them, not a spin
     status = api(opened["client"], opened["token"], "GET", f"/flows/api/status?ids={flow}")
     assert "try again later" in status.json()["intents"][0]["message"]
@@ -403,4 +404,4 @@ def test_outages_do_not_use_up_the_budget_for_unexpected_errors(
         assert converge.unexpected_failure(portal.pk, USER).kind is Kind.RETRY
     given_up = converge.unexpected_failure(portal.pk, USER)  # the fifth unexpected one
     assert given_up.kind is Kind.FINAL
-    assert PinIntent.objects.get().problem == PinIntent.Problem.INTERNAL
+    assert PinIntent.objects.get().problem == Problem.INTERNAL

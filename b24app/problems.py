@@ -1,0 +1,70 @@
+"""Every failure a user can see, by code, and the one place its words come from.
+
+A problem code is what the app stores (a pin intent's `problem`), sends to the page (which
+shows the words it was given, or picks a notice by code) and logs. Typed errors carry one:
+`problem_of` finds it for any exception. Requests refused at the door raise `Refused`.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils.translation import gettext as _
+
+
+class Problem(models.TextChoices):
+    NONE = "", "none"
+    DENIED = "denied", "the user can no longer see the flow"
+    RATE_LIMITED = "rate_limited", "waiting for the portal's rate limit"
+    UNAVAILABLE = "unavailable", "the portal is not answering"
+    REOPEN = "reopen", "the user must reopen the app"
+    REINSTALL = "reinstall", "the app must be reinstalled"
+    GAVE_UP = "gave_up", "the state could not be confirmed"
+    INTERNAL = "internal", "the app failed repeatedly"
+    # A fetch of the user's flow list failed: the portal was busy, or refused the list.
+    LIST_BUSY = "busy", "the portal did not list the flows yet"
+    LIST_REFUSED = "failed", "the portal refused to list the flows"
+    NOT_VISIBLE = "not_visible", "no such flow, or the user cannot see it"
+    QUEUE_DOWN = "queue_down", "the pin queue is not reachable"
+    APP_UNAVAILABLE = "app_unavailable", "Redis is not answering"
+
+
+def words(problem: str) -> str:
+    """The words the page shows for `problem`, in the active language ("" for none)."""
+    texts: dict[str, str] = {
+        Problem.DENIED: _("You can no longer see this flow."),
+        Problem.RATE_LIMITED: _("Waiting for Bitrix24 (rate limit)…"),
+        Problem.UNAVAILABLE: _("Bitrix24 is not answering; retrying…"),
+        Problem.REOPEN: _("Please reopen the app: your Bitrix24 session has ended."),
+        Problem.REINSTALL: _("The app must be reinstalled by an administrator."),
+        Problem.GAVE_UP: _("Could not confirm the state with Bitrix24; try again."),
+        Problem.INTERNAL: _("Flow Pins could not apply this; try again later."),
+        Problem.LIST_BUSY: _(
+            "Bitrix24 is busy and did not give us your flows yet. Reload the page in a minute."
+        ),
+        Problem.LIST_REFUSED: _(
+            "Bitrix24 refused to list your flows. Check that the app has the “task” scope."
+        ),
+        Problem.NOT_VISIBLE: _("You cannot see this flow, or it does not exist."),
+        Problem.QUEUE_DOWN: _(
+            "The pin queue is not available right now. Your choice is saved and will be "
+            "applied when it is back."
+        ),
+        Problem.APP_UNAVAILABLE: _("The app is briefly unavailable; try again in a minute."),
+    }
+    return texts.get(problem, "")
+
+
+class Refused(Exception):
+    """A request refused at the door: its HTTP status and why, in words. Nothing was stored or
+    changed. Frame POSTs and events answer it as plain text, the page's API as JSON."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def problem_of(exc: BaseException) -> Problem:
+    """The problem a failure shows as: its own when it carries one, else INTERNAL."""
+    problem = getattr(exc, "problem", None)
+    return Problem(problem) if problem in Problem.values else Problem.INTERNAL
