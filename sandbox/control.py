@@ -46,8 +46,10 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from . import events
+from .knobs import KnobError
+from .model import APP_STATUS, Flow, Portal, Task, User, iso
 from .params import ParamError
-from .state import APP_STATUS, Flow, KnobError, Portal, SandboxState, Task, User, iso
+from .state import SandboxState
 from .wire import Reply, Request
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,40}$")

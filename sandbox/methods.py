@@ -29,21 +29,21 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from .query import as_list, matches, sort_key, split_filter_key
-from .state import (
+from .knobs import Knobs
+from .model import (
     APP_CODE,
     APP_STATUS,
     LOCAL_APP_ID,
     EventBinding,
     Flow,
-    Knobs,
     PlacementBinding,
     Portal,
-    SandboxState,
     Task,
     TokenPair,
     User,
 )
+from .query import as_list, matches, sort_key, split_filter_key
+from .state import SandboxState
 from .wire import RestError
 
 PAGE_SIZE = 50

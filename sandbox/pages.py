@@ -24,7 +24,8 @@ import json
 from html import escape
 from typing import Any
 
-from .state import Portal, SandboxState, User
+from .model import Portal, User
+from .state import SandboxState
 
 _CSS = """
 * { box-sizing: border-box; }

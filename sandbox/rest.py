@@ -34,8 +34,9 @@ from .methods import (
     method,
     upper_keys,
 )
+from .model import Portal, iso
 from .params import ParamError, parse_php_query, php_array
-from .state import Portal, SandboxState, iso
+from .state import SandboxState
 from .wire import Reply, Request, RestError
 
 BATCH_MAX_LENGTH = 50

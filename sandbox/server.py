@@ -12,7 +12,7 @@ URL layout (one process hosts the OAuth server and every portal):
 ``{base}`` is ``http://127.0.0.1:PORT``. With distinct hosts (the default on Linux) every portal
 has its own origin on the same port: the N-th seed portal (0-based) is served on
 ``http://127.0.0.{N+2}:PORT`` and a rename moves it to ``127.1.0.2``, ``127.1.0.3``, ... (see
-:func:`sandbox.state.loopback_host`). One listening socket per host, all accepted by one
+:func:`sandbox.addresses.loopback_host`). One listening socket per host, all accepted by one
 ``selectors`` thread; each connection is then served in its own thread (as
 ``ThreadingHTTPServer`` does). A portal's page or REST asked on any other host is a 404 "wrong
 host"; the portal is chosen by the connection's local address, never by the ``Host`` header.
@@ -35,17 +35,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .addresses import seed_hosts
 from .control import handle_control
 from .oauth import handle_server_rest, handle_token
 from .pages import render_index, render_portal_page
 from .rest import handle_portal_rest, wrong_host
-from .state import (
-    DEFAULT_APP_URL,
-    DEFAULT_CLIENT_ID,
-    DEFAULT_CLIENT_SECRET,
-    SandboxState,
-    seed_hosts,
-)
+from .state import DEFAULT_APP_URL, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, SandboxState
 from .wire import Reply, Request
 
 MAX_BODY = 16 * 1024 * 1024
@@ -368,7 +363,7 @@ class SandboxServer:
     """The sandbox as a library: ``start()`` serves in a daemon thread, ``stop()`` ends it.
 
     ``port=0`` picks a free port; ``url`` is known right after construction. Extra keyword
-    arguments are global knobs (see :class:`sandbox.state.Knobs`), e.g. ``rate=100``.
+    arguments are global knobs (see :class:`sandbox.knobs.Knobs`), e.g. ``rate=100``.
     ``distinct_hosts`` gives every portal its own loopback host on the same port (``None``: on
     when the platform is Linux, ``host`` is 127.0.0.1 and no ``base_url`` is given).
     """
