@@ -17,8 +17,9 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from .knobs import KNOB_NAMES, KnobError
 from .server import SandboxServer
-from .state import DEFAULT_APP_URL, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET, KNOB_NAMES, KnobError
+from .state import DEFAULT_APP_URL, DEFAULT_CLIENT_ID, DEFAULT_CLIENT_SECRET
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
 
+from .model import APP_STATUS, EventBinding, Portal
 from .params import flatten
-from .state import APP_STATUS, EventBinding, Portal, SandboxState
+from .state import SandboxState
 
 LIFECYCLE_EVENTS = ("ONAPPINSTALL", "ONAPPUPDATE", "ONAPPUNINSTALL")
 USER_READY = "ONAPPUSERREADY"

@@ -29,8 +29,9 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+from .model import APP_STATUS, iso
 from .params import ParamError
-from .state import APP_STATUS, SandboxState, iso
+from .state import SandboxState
 from .wire import Reply, Request
 
 
