@@ -38,8 +38,8 @@ from django.http import HttpRequest, QueryDict
 from b24app import services
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
+from b24app.redisconn import redis_client
 
 log = logging.getLogger(__name__)
 

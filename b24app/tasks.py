@@ -16,9 +16,9 @@ from django.db import transaction
 
 from b24app import services
 from b24app.bitrix.errors import RateLimited, TransientError
-from b24app.bitrix.ratelimit import redis_client
 from b24app.celery import app
 from b24app.models import Portal
+from b24app.redisconn import redis_client
 
 log = logging.getLogger(__name__)
 

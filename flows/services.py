@@ -40,8 +40,8 @@ from b24app.bitrix.errors import (
     ResponseLost,
     TransientError,
 )
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
+from b24app.redisconn import redis_client
 from flows import remote
 from flows.models import Flow, PinIntent
 
