@@ -12,7 +12,7 @@ Who may do what, and how it is checked:
   but every user who opened the app has that token, so it proves "about this portal", not "sent
   by Bitrix24". An event that installs, or replaces the stored application_token, also needs an
   access token the OAuth server vouches for and the portal calls an admin's. An uninstall is
-  confirmed with the portal by the caller (see services.uninstall_verdict).
+  confirmed with the portal by the caller (see lifecycle.uninstall_verdict).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from django.db import connection
 from django.db.models import Model
 from django.http import HttpRequest, QueryDict
 
-from b24app import services
+from b24app import portal_client
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
@@ -198,7 +198,7 @@ def vouch_for_token(
 def require_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) -> None:
     """Refuse unless the portal says this token's owner is an administrator."""
     try:
-        admin = services.user_is_admin(info, server_endpoint, access_token)
+        admin = portal_client.user_is_admin(info, server_endpoint, access_token)
     except TransientError:
         raise Refused(
             503, "Bitrix24 did not answer whether you are an administrator; try again shortly."

@@ -26,7 +26,7 @@ from django.db.models import F, Value
 from django.utils import timezone
 from redis.exceptions import RedisError, WatchError
 
-from b24app import services as portal_services
+from b24app import tokens
 from b24app.bitrix.client import BATCH_LIMIT
 from b24app.bitrix.errors import (
     AccessDenied,
@@ -246,9 +246,9 @@ def _snapshot_problem_key(portal: Portal, user_id: int) -> str:
 
 def snapshot_failed(portal: Portal, user_id: int, exc: BaseException) -> str:
     """Remember why the last fetch of this user's list failed, for the page that waits on it."""
-    if isinstance(exc, portal_services.ReopenRequired):
+    if isinstance(exc, tokens.ReopenRequired):
         problem = "reopen"
-    elif isinstance(exc, portal_services.ReinstallRequired):
+    elif isinstance(exc, tokens.ReinstallRequired):
         problem = "reinstall"
     elif isinstance(exc, TransientError):
         problem = "busy"
@@ -285,7 +285,7 @@ def flows_fetch(portal: Portal, user: PortalUser, *, bulk: bool = False) -> Snap
         return Snapshot([_flow_dict(got[i]) for i in sorted(got)], time.time(), "tasks")
 
     started = time.time()
-    snap = portal_services.call_with_user(user, fetch, max_wait=3.0, bulk=bulk)
+    snap = tokens.call_with_user(user, fetch, max_wait=3.0, bulk=bulk)
     snap.fetched_at = started  # the list is as of when it was asked for, not when it arrived
     snap = _snapshot_put(portal, user.user_id, snap, started=started)
     redis_client().delete(_snapshot_problem_key(portal, user.user_id))
@@ -316,7 +316,7 @@ def flow_add_by_id(
             raise failed[flow_id]
         return found[flow_id]
 
-    info = portal_services.call_with_user(
+    info = tokens.call_with_user(
         user,
         get,
         max_wait=1.0 if deadline else 3.0,
@@ -829,19 +829,19 @@ def _toggle_round(
     bulk = len(ids) > INTERACTIVE_TOGGLES  # leaves a few slots of the bucket to single clicks
     progress = stats["toggles"] > 0
     try:
-        answers = portal_services.call_with_user(user, toggle, max_wait=LIMITER_WAIT, bulk=bulk)
+        answers = tokens.call_with_user(user, toggle, max_wait=LIMITER_WAIT, bulk=bulk)
         lock.check()  # the lock held through the call: these answers are the latest
     except LockLost:
         # Another run may own these flows now: claim nothing, leave their state unknown.
         _record_answers({fid: None for fid in ids}, chunk, only_pending=True)
         raise
-    except portal_services.ReopenRequired:
+    except tokens.ReopenRequired:
         _finish(
             _pending_pks(portal.pk, user.user_id), PinIntent.Status.FAILED, PinIntent.Problem.REOPEN
         )
         stats["failed"] += len(pks)
         raise RetryLater(-1, "reopen") from None
-    except portal_services.ReinstallRequired:
+    except tokens.ReinstallRequired:
         _finish(
             _pending_pks(portal.pk, user.user_id),
             PinIntent.Status.FAILED,
@@ -870,7 +870,7 @@ def _toggle_round(
         _mark_problem(pks, PinIntent.Problem.UNAVAILABLE)
         raise RetryLater(2.0, "portal unavailable", progress=progress) from None
     except PortalGone:
-        portal_services.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
+        tokens.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
         _finish(
             _pending_pks(portal.pk, user.user_id),
             PinIntent.Status.FAILED,

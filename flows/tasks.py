@@ -22,7 +22,7 @@ from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.celery import app
 from b24app.models import Portal, PortalUser
 from b24app.redisconn import redis_client
-from b24app.services import ReinstallRequired, ReopenRequired
+from b24app.tokens import ReinstallRequired, ReopenRequired
 from flows import services
 from flows.models import PinIntent
 

@@ -34,8 +34,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from redis.exceptions import RedisError
 
-from b24app import frame
-from b24app import services as portal_services
+from b24app import frame, tokens
 from b24app.bitrix.errors import AccessDenied, TransientError
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
@@ -735,7 +734,7 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
         return JsonResponse(
             {"error": _("You cannot see this flow, or it does not exist.")}, status=404
         )
-    except (portal_services.ReopenRequired, portal_services.ReinstallRequired):
+    except (tokens.ReopenRequired, tokens.ReinstallRequired):
         return JsonResponse({"error": problem_text(PinIntent.Problem.REOPEN)}, status=409)
     except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
         try:
