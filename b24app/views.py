@@ -22,7 +22,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 from redis.exceptions import RedisError
 
-from b24app import frame, lifecycle, portal_client, tasks, tokens
+from b24app import eventauth, frame, lifecycle, portal_client, tasks, tokens
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
@@ -163,9 +163,9 @@ def app(request: HttpRequest) -> HttpResponse:
 
 @entry("event handler")
 def events(request: HttpRequest) -> HttpResponse:
-    event = frame.verify_event(request)
+    event = eventauth.verify_event(request)
     auth, info = event.auth, event.info
-    if event.name in frame.ACKNOWLEDGED:
+    if event.name in eventauth.ACKNOWLEDGED:
         log.info(
             "event %s for portal %s: acknowledged, nothing to do (application token %s)",
             event.name,

@@ -34,7 +34,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 from redis.exceptions import RedisError
 
-from b24app import frame, tokens
+from b24app import stored, tokens
 from b24app.bitrix.errors import AccessDenied, TransientError
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
@@ -257,7 +257,7 @@ def _intents_expression(vendor: str) -> str:
     )
 
 
-PAGE_INTENTS = frame.AlsoRead("intents", _intents_expression)
+PAGE_INTENTS = stored.AlsoRead("intents", _intents_expression)
 
 
 def _intents_from_json(text: str) -> dict[int, IntentState]:

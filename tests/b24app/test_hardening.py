@@ -24,7 +24,7 @@ from django.core.signals import got_request_exception
 from django.test import Client
 from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
-from b24app import frame
+from b24app import eventauth, frame
 from b24app.logging import RedactSecretsFilter
 from b24app.procs import free_port
 from tests.b24app.test_foundation import _production_env
@@ -171,7 +171,7 @@ def test_an_error_report_never_shows_what_bitrix24_posted(
         raise RuntimeError("a bug deep inside the view")
 
     monkeypatch.setattr(frame, "verify_frame_post", broken)
-    monkeypatch.setattr(frame, "verify_event", broken)
+    monkeypatch.setattr(eventauth, "verify_event", broken)
     failed: list[tuple[Any, Any]] = []
 
     def keep(sender: Any, request: Any, **kwargs: Any) -> None:
