@@ -298,8 +298,8 @@ def test_a_user_id_in_odd_digits_is_a_refusal_not_an_error(
 
 
 def test_a_portal_count_in_odd_digits_is_no_number() -> None:
-    from b24app.bitrix.client import _int_or_none
+    from b24app.bitrix.answers import int_or_none
 
-    assert [_int_or_none(v) for v in ["12", "-3", 7, "--5", "²", "1-", "", True, None]] == [
+    assert [int_or_none(v) for v in ["12", "-3", 7, "--5", "²", "1-", "", True, None]] == [
         12, -3, 7, None, None, None, None, None, None
     ]  # fmt: skip
