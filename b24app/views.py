@@ -1,8 +1,8 @@
 """The Bitrix24-facing entry points: installer, app page and event handler.
 
-Views parse and verify (b24app.frame), call a service, and answer. Bitrix24's POSTs carry no CSRF
-token, so these three views (and only these) are CSRF-exempt; they are authenticated by the
-OAuth server and the application_token instead.
+Views parse and verify (frame, eventauth), call a service (lifecycle, tokens), and answer.
+Bitrix24's POSTs carry no CSRF token, so these three views (and only these) are CSRF-exempt;
+they are authenticated by the OAuth server and the application_token instead.
 """
 
 from __future__ import annotations
