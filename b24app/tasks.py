@@ -14,11 +14,11 @@ from typing import Any
 from celery import bootsteps, shared_task
 from django.db import transaction
 
-from b24app import services
+from b24app import calllog, lifecycle, tokens
 from b24app.bitrix.errors import RateLimited, TransientError
-from b24app.bitrix.ratelimit import redis_client
 from b24app.celery import app
 from b24app.models import Portal
+from b24app.redisconn import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,11 @@ def bind_handlers(self, *, portal_id: int) -> str:  # type: ignore[no-untyped-de
     if portal is None or not portal.is_active:
         return "skipped: portal gone or not active"
     try:
-        services.portal_bind_handlers(portal)
+        lifecycle.portal_bind_handlers(portal)
     except TransientError as exc:
         delay = exc.retry_after if isinstance(exc, RateLimited) else 2**self.request.retries
         raise self.retry(countdown=min(300, delay + random.uniform(0, 1 + delay))) from None
-    except (services.ReopenRequired, services.ReinstallRequired) as exc:
+    except (tokens.ReopenRequired, tokens.ReinstallRequired) as exc:
         log.warning("portal %s: cannot bind handlers: %s", portal.member_id, exc)
         return f"failed: {exc}"
     return "bound"
@@ -72,11 +72,11 @@ def confirm_uninstall(self, *, portal_id: int, clean: bool) -> str:  # type: ign
     portal = Portal.objects.filter(pk=portal_id).first()
     if portal is None or portal.state == Portal.State.UNINSTALLED:
         return "skipped: portal gone or already uninstalled"
-    verdict = services.uninstall_verdict(portal)
-    if verdict is services.UninstallVerdict.CONFIRMED:
-        services.portal_uninstall(portal, clean=clean)
+    verdict = lifecycle.uninstall_verdict(portal)
+    if verdict is lifecycle.UninstallVerdict.CONFIRMED:
+        lifecycle.portal_uninstall(portal, clean=clean)
         return "uninstalled"
-    if verdict is services.UninstallVerdict.DENIED:
+    if verdict is lifecycle.UninstallVerdict.DENIED:
         log.warning("portal %s: ONAPPUNINSTALL not confirmed by Bitrix24", portal.member_id)
         return "denied"
     if self.request.retries >= self.max_retries:
@@ -88,14 +88,14 @@ def confirm_uninstall(self, *, portal_id: int, clean: bool) -> str:  # type: ign
 
 @shared_task(name="b24app.prune_call_log", acks_late=True)
 def prune_call_log() -> int:
-    return services.prune_call_log()
+    return calllog.prune_call_log()
 
 
 @shared_task(name="b24app.keep_tokens_alive", acks_late=True)
 def keep_tokens_alive() -> int:
     """Refresh chains idle for months: a refresh token dies after 180 days unused. Safe to run
     on several workers at once: each refresh is the locked, double-checked one."""
-    return services.keep_idle_tokens_alive()
+    return tokens.keep_idle_tokens_alive()
 
 
 class Maintenance(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -1,8 +1,8 @@
 """The Bitrix24-facing entry points: installer, app page and event handler.
 
-Views parse and verify (b24app.frame), call a service, and answer. Bitrix24's POSTs carry no CSRF
-token, so these three views (and only these) are CSRF-exempt; they are authenticated by the
-OAuth server and the application_token instead.
+Views parse and verify (frame, eventauth), call a service (lifecycle, tokens), and answer.
+Bitrix24's POSTs carry no CSRF token, so these three views (and only these) are CSRF-exempt;
+they are authenticated by the OAuth server and the application_token instead.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 from redis.exceptions import RedisError
 
-from b24app import frame, services, tasks
+from b24app import eventauth, frame, lifecycle, portal_client, tasks, tokens
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
@@ -99,7 +99,7 @@ def _store_frame_tokens(
     portal: Portal, verified: frame.VerifiedFrame, is_admin: bool | None = None
 ) -> PortalUser:
     """Keep the tokens the frame brought, for the user who opened it."""
-    return services.user_tokens_store(
+    return tokens.user_tokens_store(
         portal,
         verified.user_id,
         access_token=verified.access_token,
@@ -119,7 +119,7 @@ def install(request: HttpRequest) -> HttpResponse:
         return events(request)
     verified = frame.verify_frame_post(request, installing=True)
     translation.activate(verified.lang)
-    portal = services.portal_install(
+    portal = lifecycle.portal_install(
         info=verified.info,
         server_endpoint=verified.server_endpoint,
         application_token=verified.application_token,
@@ -133,12 +133,12 @@ def install(request: HttpRequest) -> HttpResponse:
         "bx24_js": settings.B24_JS_SDK_URL,
     }
     try:
-        services.portal_bind_handlers(portal)
+        lifecycle.portal_bind_handlers(portal)
         context["ok"] = True
     except TransientError as exc:
         context["problem"] = "busy"
         context["detail"] = exc.code
-    except (BitrixError, services.ReopenRequired, services.ReinstallRequired) as exc:
+    except (BitrixError, tokens.ReopenRequired, tokens.ReinstallRequired) as exc:
         context["problem"] = "failed"
         context["detail"] = getattr(exc, "code", str(exc))
     response = render(request, "b24app/install.html", context, status=200 if context["ok"] else 502)
@@ -154,7 +154,7 @@ def app(request: HttpRequest) -> HttpResponse:
     verified = frame.verify_frame_post(request, installing=False, also=PAGE_INTENTS)
     portal = verified.portal  # verify_frame_post refuses an app POST without one
     assert portal is not None
-    portal = services.portal_follow_endpoint(portal, verified.info)  # renames move the host
+    portal = portal_client.portal_follow_endpoint(portal, verified.info)  # renames move the host
     user = _store_frame_tokens(portal, verified)
     translation.activate(verified.lang)
     intents = verified.also if isinstance(verified.also, str) else None  # None: a new user
@@ -164,9 +164,9 @@ def app(request: HttpRequest) -> HttpResponse:
 
 @entry("event handler")
 def events(request: HttpRequest) -> HttpResponse:
-    event = frame.verify_event(request)
+    event = eventauth.verify_event(request)
     auth, info = event.auth, event.info
-    if event.name in frame.ACKNOWLEDGED:
+    if event.name in eventauth.ACKNOWLEDGED:
         log.info(
             "event %s for portal %s: acknowledged, nothing to do (application token %s)",
             event.name,
@@ -175,7 +175,7 @@ def events(request: HttpRequest) -> HttpResponse:
         )
     elif event.name == "ONAPPINSTALL":
         assert info is not None  # verify_event refuses an install without a vouched admin token
-        portal = services.portal_install(
+        portal = lifecycle.portal_install(
             info=info,
             server_endpoint=auth.get("server_endpoint", ""),
             application_token=auth.get("application_token", ""),
@@ -185,7 +185,7 @@ def events(request: HttpRequest) -> HttpResponse:
         tasks.request_rebind(portal.pk)
     elif event.name == "ONAPPUPDATE":
         assert event.portal is not None
-        portal = services.portal_update(
+        portal = lifecycle.portal_update(
             event.portal,
             application_token=auth["application_token"] if event.new_application_token else "",
         )
@@ -201,11 +201,11 @@ def events(request: HttpRequest) -> HttpResponse:
 def _uninstall(portal: Portal, *, clean: bool) -> HttpResponse:
     """ONAPPUNINSTALL carries no token, only the application_token every user has seen: delete
     only when Bitrix24 confirms it by refusing the app's own tokens."""
-    verdict = services.uninstall_verdict(portal)
-    if verdict is services.UninstallVerdict.CONFIRMED:
-        services.portal_uninstall(portal, clean=clean)
+    verdict = lifecycle.uninstall_verdict(portal)
+    if verdict is lifecycle.UninstallVerdict.CONFIRMED:
+        lifecycle.portal_uninstall(portal, clean=clean)
         return HttpResponse("ok\n", content_type="text/plain")
-    if verdict is services.UninstallVerdict.UNKNOWN:
+    if verdict is lifecycle.UninstallVerdict.UNKNOWN:
         tasks.confirm_uninstall.delay_on_commit(portal_id=portal.pk, clean=clean)
         return HttpResponse(
             "Accepted: Bitrix24 could not be asked just now; the uninstall is confirmed with it "
@@ -230,7 +230,7 @@ def _store_event_tokens(
     """Keep the tokens an event brought — for the user the OAuth server says owns them."""
     if info.user_id is None or not auth.get("access_token"):
         return
-    services.user_tokens_store(
+    tokens.user_tokens_store(
         portal,
         info.user_id,
         access_token=auth["access_token"],

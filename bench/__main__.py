@@ -274,7 +274,7 @@ def bench_pins(
 def bench_one_call_per_pin(stack: Stack, report: Report, count: int) -> float:
     """Baseline: the same pins, one `tasks.flow.Flow.pin` request each, paced by the same
     shared limiter (no 503s), at the real default limit."""
-    from b24app import services
+    from b24app import tokens
     from b24app.bitrix.errors import RateLimited
     from b24app.models import PortalUser
 
@@ -287,7 +287,7 @@ def bench_one_call_per_pin(stack: Stack, report: Report, count: int) -> float:
     for fid in ids:
         while True:
             try:
-                services.call_with_user(
+                tokens.call_with_user(
                     user,
                     lambda c, t, f=fid: c.call("tasks.flow.Flow.pin", {"flowId": f}, token=t),
                     max_wait=60,

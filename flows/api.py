@@ -12,7 +12,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from b24app import services as portal_services
+from b24app import tokens
 from b24app.bitrix.errors import AccessDenied, TransientError
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem, words
@@ -204,7 +204,7 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
         row = listing.add_by_id(portal, user, flow_id, deadline=True)
     except AccessDenied:
         return JsonResponse({"error": words(Problem.NOT_VISIBLE)}, status=404)
-    except (portal_services.ReopenRequired, portal_services.ReinstallRequired):
+    except (tokens.ReopenRequired, tokens.ReinstallRequired):
         return JsonResponse({"error": words(Problem.REOPEN)}, status=409)
     except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
         try:

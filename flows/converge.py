@@ -18,9 +18,9 @@ from django.utils import timezone
 from redis.exceptions import RedisError
 
 from b24app.bitrix.client import BATCH_LIMIT
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
+from b24app.redisconn import redis_client
 from flows import intents
 from flows.lock import Busy, LockLost, UserLock
 from flows.models import PinIntent

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from b24app import frame
+from b24app import stored
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
 from flows.models import Flow, PinIntent
@@ -227,7 +227,7 @@ def by_flow_from_json(text: str) -> dict[int, IntentState]:
 
 def _json_expression(vendor: str) -> str:
     """The user's intents as one JSON text, read with the portal and the user when the app is
-    opened (frame.AlsoRead): [[flow_id, desired, observed, status, problem], ...]."""
+    opened (stored.AlsoRead): [[flow_id, desired, observed, status, problem], ...]."""
     qn = connection.ops.quote_name
     columns = ", ".join(f"i.{qn(c)}" for c in _PAGE_COLUMNS)
     if vendor == "postgresql":
@@ -243,4 +243,4 @@ def _json_expression(vendor: str) -> str:
     )
 
 
-PAGE_INTENTS = frame.AlsoRead("intents", _json_expression)
+PAGE_INTENTS = stored.AlsoRead("intents", _json_expression)

@@ -10,7 +10,7 @@ from typing import Any
 
 from django.conf import settings
 
-from b24app import services as portal_services
+from b24app import tokens
 from b24app.bitrix.errors import MethodNotFound, TransientError
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
@@ -70,16 +70,16 @@ def fetch(portal: Portal, user: PortalUser, *, bulk: bool = False) -> Snapshot:
         return Snapshot([got[i] for i in sorted(got)], time.time(), "tasks")
 
     started = time.time()
-    snap = portal_services.call_with_user(user, read, max_wait=3.0, bulk=bulk)
+    snap = tokens.call_with_user(user, read, max_wait=3.0, bulk=bulk)
     snap.fetched_at = started  # the list is as of when it was asked for, not when it arrived
     return snapshots.put(portal, user.user_id, snap, started=started)
 
 
 def fetch_problem(exc: BaseException) -> Problem:
     """Why a fetch of the list failed, as the page waiting on it shows it."""
-    if isinstance(exc, portal_services.ReopenRequired):
+    if isinstance(exc, tokens.ReopenRequired):
         return Problem.REOPEN
-    if isinstance(exc, portal_services.ReinstallRequired):
+    if isinstance(exc, tokens.ReinstallRequired):
         return Problem.REINSTALL
     if isinstance(exc, TransientError):
         return Problem.LIST_BUSY
@@ -123,7 +123,7 @@ def add_by_id(portal: Portal, user: PortalUser, flow_id: int, *, deadline: bool 
             raise failed[flow_id]
         return found[flow_id]
 
-    row = portal_services.call_with_user(
+    row = tokens.call_with_user(
         user,
         get,
         max_wait=1.0 if deadline else 3.0,

@@ -9,7 +9,7 @@ import uuid
 
 from redis.exceptions import RedisError
 
-from b24app.bitrix.ratelimit import redis_client
+from b24app.redisconn import redis_client
 
 log = logging.getLogger(__name__)
 

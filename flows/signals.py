@@ -6,8 +6,8 @@ from typing import Any
 
 from django.dispatch import receiver
 
+from b24app.lifecycle import portal_uninstalled
 from b24app.models import Portal
-from b24app.services import portal_uninstalled
 from flows.intents import cancel_portal_work
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import WatchError
 
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
+from b24app.redisconn import redis_client
 from flows.remote import FlowRow
 
 SNAPSHOT_TTL = 600  # seconds a snapshot may be shown at all

@@ -18,7 +18,7 @@ from celery.signals import worker_ready
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.celery import app
 from b24app.models import Portal, PortalUser
-from b24app.services import ReinstallRequired, ReopenRequired
+from b24app.tokens import ReinstallRequired, ReopenRequired
 from flows import converge as engine
 from flows import intents, listing, snapshots
 from flows.lock import release_locks_of

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.db.models import F, Value
 from django.utils import timezone
 
-from b24app import services as portal_services
+from b24app import tokens
 from b24app.bitrix.client import BATCH_LIMIT
 from b24app.bitrix.errors import (
     AccessDenied,
@@ -31,9 +31,9 @@ from b24app.bitrix.errors import (
     ResponseLost,
     TransientError,
 )
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
+from b24app.redisconn import redis_client
 from flows import intents, remote
 from flows.lock import LockLost, UserLock
 from flows.models import PinIntent
@@ -177,7 +177,7 @@ def _send(user: PortalUser, ids: list[int]) -> dict[int, bool | BitrixError]:
             return {ids[0]: exc}  # this flow's own answer
 
     bulk = len(ids) > INTERACTIVE_TOGGLES  # leaves a few slots of the bucket to single clicks
-    answers: dict[int, bool | BitrixError] = portal_services.call_with_user(
+    answers: dict[int, bool | BitrixError] = tokens.call_with_user(
         user, toggle, max_wait=LIMITER_WAIT, bulk=bulk
     )
     return answers
@@ -202,7 +202,7 @@ def toggle_round(
         # Another run may own these flows now: claim nothing, leave their state unknown.
         record_answers({fid: None for fid in ids}, chunk, only_pending=True)
         raise
-    except (BitrixError, portal_services.ReopenRequired, portal_services.ReinstallRequired) as exc:
+    except (BitrixError, tokens.ReopenRequired, tokens.ReinstallRequired) as exc:
         return _request_failed(portal, user, chunk, stats, exc, progress=progress)
     return _read_answers(chunk, answers, stats, progress=progress)
 
@@ -224,13 +224,13 @@ def _request_failed(
 ) -> Outcome | Answered:
     """What a whole request's failure means for the run and for the flows in it."""
     pks = [i.pk for i in chunk.values()]
-    if isinstance(exc, portal_services.ReopenRequired):
+    if isinstance(exc, tokens.ReopenRequired):
         _stop_all(portal, user, Problem.REOPEN)
         stats["failed"] += len(pks)
         return Outcome.final("reopen")
-    if isinstance(exc, portal_services.ReinstallRequired | PortalGone):
+    if isinstance(exc, tokens.ReinstallRequired | PortalGone):
         if isinstance(exc, PortalGone):
-            portal_services.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
+            tokens.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
         _stop_all(portal, user, Problem.REINSTALL)
         return Outcome.final("reinstall")
     if isinstance(exc, RateLimited | OperationTimeLimit):

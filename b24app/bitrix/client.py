@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
 
+from b24app.bitrix.answers import as_dict, int_or_none, ints, json_body, reset_at
 from b24app.bitrix.errors import (
     BadRequest,
     BitrixError,
@@ -31,6 +31,7 @@ from b24app.bitrix.errors import (
     Unavailable,
     error_from_body,
 )
+from b24app.bitrix.query import php_query
 from b24app.bitrix.ratelimit import MethodPause, PortalRateLimiter
 
 log = logging.getLogger(__name__)
@@ -52,32 +53,6 @@ def http_session() -> requests.Session:
         session.headers["User-Agent"] = "flow-pins/0.1"
         _local.session, _local.pid = session, os.getpid()
     return session
-
-
-def php_query(params: Mapping[str, Any], prefix: str = "") -> str:
-    """Encode params the way PHP's http_build_query does (`filter[ID]=1&select[0]=ID`).
-
-    Batch commands are "method?query" strings that the portal parses with PHP rules.
-    """
-    parts: list[str] = []
-
-    def walk(key: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for k, v in value.items():
-                walk(f"{key}[{k}]", v)
-        elif isinstance(value, list | tuple):
-            for i, v in enumerate(value):
-                walk(f"{key}[{i}]", v)
-        else:
-            if isinstance(value, bool):
-                value = "1" if value else "0"
-            elif value is None:
-                value = ""
-            parts.append(f"{quote(key, safe='[]')}={quote(str(value), safe='')}")
-
-    for k, v in params.items():
-        walk(f"{prefix}[{k}]" if prefix else str(k), v)
-    return "&".join(parts)
 
 
 @dataclass(frozen=True)
@@ -140,8 +115,8 @@ class PortalClient:
             raise self._error(body, method, status)
         return CallResult(
             result=body.get("result"),
-            total=_int_or_none(body.get("total")),
-            next=_int_or_none(body.get("next")),
+            total=int_or_none(body.get("total")),
+            next=int_or_none(body.get("next")),
             time=body.get("time") or {},
         )
 
@@ -170,8 +145,8 @@ class PortalClient:
         if "error" in body:
             raise self._error(body, "batch", status)
         outer = body.get("result") or {}
-        results = _as_dict(outer.get("result"))
-        raw_errors = _as_dict(outer.get("result_error"))
+        results = as_dict(outer.get("result"))
+        raw_errors = as_dict(outer.get("result_error"))
         errors: dict[str, BitrixError] = {}
         for key, err in raw_errors.items():
             if isinstance(err, Mapping):
@@ -183,13 +158,13 @@ class PortalClient:
         for key, err in errors.items():
             if isinstance(err, OperationTimeLimit):
                 method = commands[key][0] if key in commands else ""
-                reset = _reset_at(_as_dict(outer.get("result_time")).get(key))
+                reset = reset_at(as_dict(outer.get("result_time")).get(key))
                 MethodPause(self.member_id, method).pause_until(reset)
         return BatchResult(
             results=results,
             errors=errors,
-            totals=_ints(outer.get("result_total")),
-            nexts=_ints(outer.get("result_next")),
+            totals=ints(outer.get("result_total")),
+            nexts=ints(outer.get("result_next")),
         )
 
     def paginate(
@@ -232,61 +207,69 @@ class PortalClient:
             MethodPause(self.member_id, pause_key).check()
         self.limiter.acquire(self.max_wait, reserve=self.reserve)
         payload = {**params, "auth": token}
-        moved = False
-        while True:
-            url = self.endpoint + method
-            started = time.monotonic()
-            status: int | None = None
-            error = ""
-            try:
-                response = http_session().post(
-                    url,
-                    data=json.dumps(payload),
-                    allow_redirects=False,
-                    headers={"Content-Type": "application/json", "Accept": "application/json"},
-                    timeout=self.timeout,
-                    stream=True,  # read under the size cap, not whole into memory
+        answer = self._send(method, payload, token=token, commands=commands, follow=True)
+        if answer is None:  # the portal moved, and its new address is confirmed: send again there
+            answer = self._send(method, payload, token=token, commands=commands, follow=False)
+        assert answer is not None  # a redirect is followed once, then it is an answer
+        return answer
+
+    def _send(
+        self, method: str, payload: dict[str, Any], *, token: str, commands: int, follow: bool
+    ) -> tuple[int, dict[str, Any]] | None:
+        """One POST, recorded in the call log. None: the portal redirected (`follow`), and
+        `endpoint` is now its confirmed new address."""
+        url = self.endpoint + method
+        started = time.monotonic()
+        status: int | None = None
+        error = ""
+        try:
+            response = http_session().post(
+                url,
+                data=json.dumps(payload),
+                allow_redirects=False,
+                headers={"Content-Type": "application/json", "Accept": "application/json"},
+                timeout=self.timeout,
+                stream=True,  # read under the size cap, not whole into memory
+            )
+            status = response.status_code
+            if status in (301, 302, 303, 307, 308) and follow:
+                response.close()
+                error = "MOVED"
+                self._record(method, status, error, started, commands)
+                self.endpoint = self._follow(response.headers.get("Location", ""), token)
+                return None
+            body = json_body(response)
+            if body is None:
+                error = f"HTTP_{status}"
+                raise (Unavailable if status >= 500 else BadRequest)(
+                    error, "the portal answered without a JSON body", status=status
                 )
-                status = response.status_code
-                if status in (301, 302, 303, 307, 308) and not moved:
-                    response.close()
-                    error = "MOVED"
-                    self._record(method, status, error, started, commands)
-                    moved = True
-                    self.endpoint = self._follow(response.headers.get("Location", ""), token)
-                    continue
-                body = _json_body(response)
-                if body is None:
-                    error = f"HTTP_{status}"
-                    raise (Unavailable if status >= 500 else BadRequest)(
-                        error, "the portal answered without a JSON body", status=status
-                    )
-                if "error" in body:
-                    error = str(body.get("error"))
-                return status, body
-            except ResponseLost as exc:  # an answer over the size cap
-                error = exc.code
-                raise
-            except requests.exceptions.ConnectTimeout as exc:
-                error = "CONNECT_TIMEOUT"
-                raise Unavailable(error, "could not connect to the portal") from exc
-            except requests.exceptions.ReadTimeout as exc:
-                error = "READ_TIMEOUT"
-                raise ResponseLost(error, "the portal did not answer in time") from exc
-            except requests.exceptions.ConnectionError as exc:
-                if _sent_but_lost(exc):
-                    error = "RESPONSE_LOST"
-                    raise ResponseLost(error, "the connection closed before an answer") from exc
-                error = "CONNECTION_ERROR"
-                raise Unavailable(error, "could not reach the portal") from exc
-            finally:
-                if error != "MOVED":
-                    self._record(method, status, error, started, commands)
+            if "error" in body:
+                error = str(body.get("error"))
+            return status, body
+        except ResponseLost as exc:  # an answer over the size cap
+            error = exc.code
+            raise
+        except requests.exceptions.ConnectTimeout as exc:
+            error = "CONNECT_TIMEOUT"
+            raise Unavailable(error, "could not connect to the portal") from exc
+        except requests.exceptions.ReadTimeout as exc:
+            error = "READ_TIMEOUT"
+            raise ResponseLost(error, "the portal did not answer in time") from exc
+        except requests.exceptions.ConnectionError as exc:
+            if _sent_but_lost(exc):
+                error = "RESPONSE_LOST"
+                raise ResponseLost(error, "the connection closed before an answer") from exc
+            error = "CONNECTION_ERROR"
+            raise Unavailable(error, "could not reach the portal") from exc
+        finally:
+            if error != "MOVED":
+                self._record(method, status, error, started, commands)
 
     def _error(self, body: Mapping[str, Any], method: str, status: int | None) -> BitrixError:
         code = str(body.get("error", ""))
         description = str(body.get("error_description", ""))
-        reset = _reset_at(body.get("time")) if code == "OPERATION_TIME_LIMIT" else None
+        reset = reset_at(body.get("time")) if code == "OPERATION_TIME_LIMIT" else None
         err = error_from_body(code, description, status, reset_at=reset)
         if isinstance(err, RateLimited):
             self.limiter.saturate()
@@ -326,42 +309,6 @@ class PortalClient:
             log.warning("could not record REST call metadata", exc_info=True)
 
 
-# An answer larger than this is refused, not buffered: a hostile or broken portal must not be
-# able to fill a worker's memory. Real answers (50 flows, a batch of 50 toggles) are kilobytes.
-MAX_ANSWER_BYTES = 16 * 1024 * 1024
-
-
-def read_capped(response: requests.Response, limit: int = MAX_ANSWER_BYTES) -> bytes:
-    """The body of a streamed response, up to `limit` bytes; more is ResponseLost (the request
-    may have been applied, but its answer cannot be read)."""
-    declared = response.headers.get("Content-Length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        response.close()
-        raise ResponseLost("RESPONSE_TOO_LARGE", f"the answer is over {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        for chunk in response.iter_content(64 * 1024):
-            size += len(chunk)
-            if size > limit:
-                response.close()
-                raise ResponseLost("RESPONSE_TOO_LARGE", f"the answer is over {limit} bytes")
-            chunks.append(chunk)
-    except requests.exceptions.ConnectionError as exc:
-        if "timed out" in repr(exc):  # a stalled body after the headers: a read timeout
-            raise requests.exceptions.ReadTimeout(str(exc)) from exc
-        raise
-    return b"".join(chunks)
-
-
-def _json_body(response: requests.Response) -> dict[str, Any] | None:
-    try:
-        body = json.loads(read_capped(response))
-    except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else {"result": body}
-
-
 def _sent_but_lost(exc: requests.exceptions.ConnectionError) -> bool:
     """True when the request went out and the connection died before the answer."""
     text = repr(exc)
@@ -375,39 +322,3 @@ def _sent_but_lost(exc: requests.exceptions.ConnectionError) -> bool:
             "IncompleteRead",
         )
     )
-
-
-def _as_dict(value: Any) -> dict[str, Any]:
-    return dict(value) if isinstance(value, Mapping) else {}
-
-
-def _ints(value: Any) -> dict[str, int]:
-    """A batch's totals or nexts by key; a value that is no whole number is left out."""
-    out: dict[str, int] = {}
-    for key, raw in _as_dict(value).items():
-        number = _int_or_none(raw)
-        if number is not None:
-            out[key] = number
-    return out
-
-
-_WHOLE_NUMBER = re.compile(r"-?[0-9]{1,18}")
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value):  # not "--5": int() refuses it
-        return int(value)
-    return None
-
-
-def _reset_at(time_block: Any) -> float:
-    if isinstance(time_block, Mapping):
-        try:
-            return float(time_block.get("operating_reset_at") or 0) or time.time() + 60
-        except (TypeError, ValueError):
-            pass
-    return time.time() + 60

@@ -22,7 +22,8 @@ from django.conf import settings
 from oauthlib.oauth2 import OAuth2Error
 from requests_oauthlib import OAuth2Session
 
-from b24app.bitrix.client import http_session, read_capped
+from b24app.bitrix.answers import read_capped
+from b24app.bitrix.client import http_session
 from b24app.bitrix.errors import (
     BadRequest,
     BitrixError,

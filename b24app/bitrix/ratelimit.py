@@ -15,10 +15,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import redis
 from django.conf import settings
 
 from b24app.bitrix.errors import OperationTimeLimit, RateLimited
+from b24app.redisconn import redis_client
 
 # KEYS[1]: bucket key. ARGV: now (s), interval (s per request), burst, max_wait (s).
 # Returns {allowed(0/1), wait_seconds_as_string}. On allowed, the slot is reserved.
@@ -52,20 +52,7 @@ end
 return 1
 """
 
-_client: redis.Redis | None = None
 _scripts: dict[str, Any] = {}
-
-
-def redis_client() -> redis.Redis:
-    global _client
-    if _client is None:
-        _client = redis.Redis.from_url(
-            settings.REDIS_URL,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=30,
-        )
-    return _client
 
 
 def _script(name: str, source: str) -> Any:

@@ -24,7 +24,7 @@ from django.core.signals import got_request_exception
 from django.test import Client
 from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
-from b24app import frame
+from b24app import eventauth, frame
 from b24app.logging import RedactSecretsFilter
 from b24app.procs import free_port
 from tests.b24app.test_foundation import _production_env
@@ -171,7 +171,7 @@ def test_an_error_report_never_shows_what_bitrix24_posted(
         raise RuntimeError("a bug deep inside the view")
 
     monkeypatch.setattr(frame, "verify_frame_post", broken)
-    monkeypatch.setattr(frame, "verify_event", broken)
+    monkeypatch.setattr(eventauth, "verify_event", broken)
     failed: list[tuple[Any, Any]] = []
 
     def keep(sender: Any, request: Any, **kwargs: Any) -> None:
@@ -298,8 +298,8 @@ def test_a_user_id_in_odd_digits_is_a_refusal_not_an_error(
 
 
 def test_a_portal_count_in_odd_digits_is_no_number() -> None:
-    from b24app.bitrix.client import _int_or_none
+    from b24app.bitrix.answers import int_or_none
 
-    assert [_int_or_none(v) for v in ["12", "-3", 7, "--5", "²", "1-", "", True, None]] == [
+    assert [int_or_none(v) for v in ["12", "-3", 7, "--5", "²", "1-", "", True, None]] == [
         12, -3, 7, None, None, None, None, None, None
     ]  # fmt: skip

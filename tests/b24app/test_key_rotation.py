@@ -23,7 +23,7 @@ from django.db.models import TextField
 from django.db.models.functions import Cast
 from django.utils import timezone
 
-from b24app import crypto, services
+from b24app import crypto, tokens
 from b24app.bitrix import oauth
 from b24app.models import Portal, PortalUser
 from b24app.procs import free_port, worker_command
@@ -184,7 +184,7 @@ def test_rotation_waits_for_a_refresh_holding_the_row_and_keeps_its_new_tokens(
         thread.start()
         return thread
 
-    refresh = in_thread("refresh", lambda: services.refresh_user_token(user.pk, user.token_version))
+    refresh = in_thread("refresh", lambda: tokens.refresh_user_token(user.pk, user.token_version))
     assert refreshing.wait(10)
     rotation = in_thread("rotation", _rotate)
     time.sleep(0.5)  # time enough for a rotation that does not wait to read the old pair

@@ -10,7 +10,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from b24app import services
+from b24app import tokens
 from b24app.models import PortalUser
 from tests.helpers import install, launch, post_frame
 
@@ -54,7 +54,7 @@ def test_a_reopen_after_a_refused_chain_stores_the_frames_pair_and_reactivates(
     launched = launch(sandbox, "alpha", 2)
     assert post_frame(client, launched).status_code == 200
     user = PortalUser.objects.get(user_id=2)
-    services.mark_user_needs_reopen(user.pk, "invalid_grant: refused")
+    tokens.mark_user_needs_reopen(user.pk, "invalid_grant: refused")
     assert post_frame(client, launched).status_code == 200  # the very same pair, reopened
     form = launched["form"]
     assert _stored_pair(2) == (form["AUTH_ID"], form["REFRESH_ID"], PortalUser.State.ACTIVE)
@@ -86,7 +86,7 @@ def test_the_stored_digest_is_keyed_and_never_a_token(sandbox: Any) -> None:
     digest = PortalUser.objects.get(user_id=2).token_digest
     form = launched["form"]
     assert len(digest) == 64 and form["AUTH_ID"] not in digest
-    assert digest == services.token_pair_digest(form["AUTH_ID"], form["REFRESH_ID"])
+    assert digest == tokens.token_pair_digest(form["AUTH_ID"], form["REFRESH_ID"])
     with connection.cursor() as cursor:
         cursor.execute("SELECT token_digest FROM b24app_portaluser")
         assert all(form["AUTH_ID"] not in row[0] for row in cursor.fetchall())

@@ -14,7 +14,7 @@ import requests
 from django.db import close_old_connections, connection
 from django.test import Client
 
-from b24app import services
+from b24app import tokens
 from b24app.bitrix import errors, oauth
 from b24app.models import Portal, PortalUser, RestCall
 from tests.helpers import install, launch, post_frame, sb, state
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.django_db(transaction=True)]
 
 
 def _profile(user: PortalUser) -> Any:
-    return services.call_with_user(user, lambda c, t: c.call("profile", token=t).result)
+    return tokens.call_with_user(user, lambda c, t: c.call("profile", token=t).result)
 
 
 @pytest.mark.services
@@ -81,14 +81,14 @@ def test_a_dead_refresh_token_asks_the_user_to_reopen_and_stops(sandbox: Any) ->
         timeout=5,
     )
     assert used.status_code == 200
-    with pytest.raises(services.ReopenRequired):
+    with pytest.raises(tokens.ReopenRequired):
         _profile(user)
     user.refresh_from_db()
     assert user.state == PortalUser.State.NEEDS_REOPEN
     assert "invalid_grant" in user.state_reason
     assert user.access_token == "" and user.refresh_token == ""
     calls = state(sandbox)["counters"]["requests"]
-    with pytest.raises(services.ReopenRequired):  # no further REST or OAuth traffic
+    with pytest.raises(tokens.ReopenRequired):  # no further REST or OAuth traffic
         _profile(user)
     assert state(sandbox)["counters"]["requests"] == calls
     # Opening the app again brings fresh tokens and the user is back.
@@ -100,7 +100,7 @@ def test_payment_required_marks_the_portal_for_the_admin(sandbox: Any) -> None:
     install(Client(), sandbox)
     sb(sandbox, "config", {"portal": "alpha", "payment_expired": True})
     sb(sandbox, "p/alpha/expire", {})
-    with pytest.raises(services.ReinstallRequired):
+    with pytest.raises(tokens.ReinstallRequired):
         _profile(PortalUser.objects.get(user_id=1))
     assert Portal.objects.get().state == Portal.State.NEEDS_REINSTALL
 
@@ -132,7 +132,7 @@ def test_a_burst_of_200_calls_never_meets_a_503_and_spares_other_portals(sandbox
 
     def alpha_call(_: int) -> Any:
         try:
-            return services.call_with_user(
+            return tokens.call_with_user(
                 PortalUser.objects.get(pk=alpha.pk),
                 lambda c, t: c.call("profile", token=t).result,
                 max_wait=30,
@@ -180,7 +180,7 @@ def test_operation_time_limit_pauses_the_method_until_reset(sandbox: Any) -> Non
         _profile(user)  # paused locally: the portal is not asked again
     assert state(sandbox)["counters"]["requests"] == calls
     # Other methods are not paused.
-    result = services.call_with_user(user, lambda c, t: c.call("app.info", token=t).result)
+    result = tokens.call_with_user(user, lambda c, t: c.call("app.info", token=t).result)
     assert "INSTALLED" in result
 
 
@@ -232,9 +232,9 @@ def test_an_idle_chain_is_refreshed_before_its_refresh_token_dies(sandbox: Any) 
     long_ago = timezone.now() - timedelta(days=160)
     PortalUser.objects.filter(user_id=2).update(last_seen_at=long_ago, refreshed_at=None)
     old = PortalUser.objects.get(user_id=2)
-    assert services.keep_idle_tokens_alive() == 1  # user 1 was active recently: left alone
+    assert tokens.keep_idle_tokens_alive() == 1  # user 1 was active recently: left alone
     fresh = PortalUser.objects.get(user_id=2)
     assert fresh.refresh_token != old.refresh_token and fresh.refreshed_at is not None
     assert state(sandbox)["counters"]["refresh_ok"] == 1
-    assert services.keep_idle_tokens_alive() == 0  # and not again the next hour
+    assert tokens.keep_idle_tokens_alive() == 0  # and not again the next hour
     assert _profile(fresh)["ID"] == "2"

@@ -10,7 +10,7 @@ from django.db import connection
 
 from b24app import crypto
 from b24app.bitrix import errors, oauth
-from b24app.bitrix.client import php_query
+from b24app.bitrix.query import php_query
 from b24app.logging import RedactSecretsFilter, redact
 from b24app.models import Portal, PortalUser
 

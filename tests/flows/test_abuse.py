@@ -19,8 +19,9 @@ from django.utils import timezone
 
 from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import RateLimited, ResponseLost
-from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE, PortalRateLimiter, redis_client
+from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE, PortalRateLimiter
 from b24app.problems import Problem
+from b24app.redisconn import redis_client
 from b24app.tasks import bind_handlers
 from flows import converge, intents, tasks
 from flows.models import PinIntent

@@ -11,7 +11,7 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from b24app import services as portal_services
+from b24app import lifecycle
 from flows import tasks
 from flows.models import PinIntent
 from tests.flows.conftest import USER
@@ -94,7 +94,7 @@ def test_unknown_flows_and_a_gone_portal_store_nothing_and_say_why(
     single = click(client, token, {"flow_id": 987654, "pinned": True})
     assert single.status_code == 400
     assert PinIntent.objects.count() == 0 and runs_queued == []
-    portal_services.portal_uninstall(opened["portal"], clean=False)
+    lifecycle.portal_uninstall(opened["portal"], clean=False)
     gone = click(client, token, {"flow_id": known, "pinned": True})
     assert gone.status_code == 403
     assert "not installed on this portal" in gone.json()["error"]

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
+from b24app.redisconn import redis_client
 from flows import apiauth, listing, page, snapshots, tasks
 from tests.flows.conftest import USER
 from tests.helpers import api, install, open_app, sb

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from django.test import Client
 
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
+from b24app.redisconn import redis_client
 from flows.models import Flow, PinIntent
 from flows.snapshots import snapshot_key
 from tests.helpers import install, open_page, page_token, sb, state, visible_to

@@ -16,8 +16,8 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from b24app import frame
-from b24app.bitrix.ratelimit import redis_client
 from b24app.models import Portal
+from b24app.redisconn import redis_client
 from flows import apiauth, snapshots, tasks
 from flows.models import PinIntent
 from tests.helpers import install, launch, open_page, post_frame, sb, state, visible_to

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 import pytest
 from django.test import Client
 
-from b24app import services
+from b24app import tokens
 from b24app.bitrix.errors import BadRequest
 from b24app.models import Portal, PortalUser
 from tests.helpers import install, launch, post_frame, sb, settle_background_work, state
@@ -235,8 +235,8 @@ def test_a_refresh_token_from_another_portal_is_refused_and_moves_nothing(sandbo
     # refreshes race for the one-use refresh token and the loser reads "invalid_grant".
     settle_background_work()
     user = PortalUser.objects.get(user_id=ORDINARY)
-    with pytest.raises(services.ReopenRequired, match="another portal"):
-        services.call_with_user(user, lambda c, t: c.call("user.current", token=t))
+    with pytest.raises(tokens.ReopenRequired, match="another portal"):
+        tokens.call_with_user(user, lambda c, t: c.call("user.current", token=t))
     user.refresh_from_db()
     assert user.state == PortalUser.State.NEEDS_REOPEN and not user.has_tokens
     portal = Portal.objects.get()
@@ -244,7 +244,7 @@ def test_a_refresh_token_from_another_portal_is_refused_and_moves_nothing(sandbo
     # The admin's calls still go to alpha and nowhere else.
     beta_calls = state(sandbox, "beta")["counters"]
     admin = PortalUser.objects.get(user_id=1)
-    assert services.call_with_user(admin, lambda c, t: c.call("user.admin", token=t).result)
+    assert tokens.call_with_user(admin, lambda c, t: c.call("user.admin", token=t).result)
     assert state(sandbox, "beta")["counters"] == beta_calls
 
 
@@ -256,8 +256,8 @@ def test_a_refresh_answer_for_another_user_is_refused(sandbox: Any) -> None:
     post_frame(client, attack, REFRESH_ID=someone_else["form"]["REFRESH_ID"], AUTH_EXPIRES="0")
     settle_background_work()  # as above: one refresh at a time
     user = PortalUser.objects.get(user_id=ORDINARY)
-    with pytest.raises(services.ReopenRequired, match="another user"):
-        services.call_with_user(user, lambda c, t: c.call("user.current", token=t))
+    with pytest.raises(tokens.ReopenRequired, match="another user"):
+        tokens.call_with_user(user, lambda c, t: c.call("user.current", token=t))
     assert not PortalUser.objects.filter(user_id=3).exists()
 
 
@@ -305,7 +305,7 @@ def test_a_redirect_bitrix24_does_not_confirm_is_not_followed(sandbox: Any, atta
         Portal.objects.update(client_endpoint=moved)
         admin = PortalUser.objects.get(user_id=1)
         with pytest.raises(BadRequest, match="does not confirm"):
-            services.call_with_user(admin, lambda c, t: c.call("user.admin", token=t))
+            tokens.call_with_user(admin, lambda c, t: c.call("user.admin", token=t))
     finally:
         server.shutdown()
         server.server_close()

@@ -1,11 +1,11 @@
-"""Actions that change portal state: install, update, uninstall, users' tokens, locked refresh.
+"""Users' tokens: stored as a frame or event brings them, refreshed lazily and at most once
+for many callers (under the row lock, saved before use), and kept alive when idle for months.
 
-Views validate and tasks retry; the decisions and the writes are here.
+`call_with_user` is how everything else calls a portal as one of its users.
 """
 
 from __future__ import annotations
 
-import enum
 import hmac
 import logging
 from collections.abc import Callable
@@ -15,31 +15,25 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import models, transaction
 from django.db.models import F
-from django.dispatch import Signal
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
 from b24app.bitrix import oauth
-from b24app.bitrix.client import BatchResult, CallRecord, PortalClient
+from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import (
     AuthRevoked,
-    BadRequest,
     BitrixError,
     InvalidClient,
     InvalidToken,
     PortalGone,
     TokenExpired,
 )
-from b24app.bitrix.ratelimit import INTERACTIVE_RESERVE
-from b24app.models import Portal, PortalUser, RestCall
+from b24app.models import Portal, PortalUser
+from b24app.portal_client import client_for, portal_follow_endpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# Sent after a portal's tokens were deleted (uninstall); flows cancels its pending work.
-portal_uninstalled = Signal()  # kwargs: portal, clean
-
-EVENT_HANDLERS = ("ONAPPUNINSTALL", "ONAPPUPDATE")
 # Seconds before the stored expiry at which a token counts as expired (clock skew, slow calls).
 EXPIRY_MARGIN = 30
 
@@ -50,118 +44,6 @@ class ReopenRequired(Exception):
 
 class ReinstallRequired(Exception):
     """The portal is uninstalled, unpaid or deleted: an admin must act in Bitrix24."""
-
-
-def handler_url(name: str) -> str:
-    return f"{settings.B24_APP_BASE_URL}/b24/{name}/"
-
-
-# --- the REST client for a portal -------------------------------------------------------------
-
-
-def record_call(record: CallRecord) -> None:
-    RestCall.objects.create(
-        member_id=record.member_id,
-        method=record.method[:100],
-        http_status=record.http_status,
-        error=record.error,
-        duration_ms=record.duration_ms,
-        commands=record.commands,
-    )
-
-
-def prune_call_log() -> int:
-    cutoff = timezone.now() - timedelta(days=max(3, settings.B24_CALL_LOG_DAYS))
-    deleted, _ = RestCall.objects.filter(created_at__lt=cutoff).delete()
-    return deleted
-
-
-def confirm_moved(member_id: str, server_endpoint: str) -> Callable[[str, str], str]:
-    """For a portal's 302: the new address is used (and our token sent there) only when it is a
-    public https host and Bitrix24's OAuth server names it as this portal's REST endpoint."""
-
-    def confirm(new_endpoint: str, token: str) -> str:
-        try:
-            candidate = oauth.check_portal_endpoint(new_endpoint)
-            info = oauth.app_info(server_endpoint, token)
-            confirmed = oauth.check_portal_endpoint(info.client_endpoint)
-        except oauth.UntrustedServer as exc:
-            raise BadRequest("BAD_REDIRECT", f"not followed: {exc.description}") from None
-        if (
-            info.member_id != member_id
-            or info.client_id != settings.B24_CLIENT_ID
-            or oauth.origin_of(confirmed) != oauth.origin_of(candidate)
-        ):
-            log.warning("portal %s redirected to an address Bitrix24 does not confirm", member_id)
-            raise BadRequest("BAD_REDIRECT", "Bitrix24 does not confirm the portal's new address")
-        return confirmed
-
-    return confirm
-
-
-def client_for(
-    portal: Portal,
-    *,
-    max_wait: float = 2.0,
-    bulk: bool = False,
-    timeout: tuple[float, float] | None = None,
-) -> PortalClient:
-    confirm = confirm_moved(portal.member_id, portal.server_endpoint)
-
-    def moved(new_endpoint: str, token: str) -> str:
-        # A renamed portal: member_id stays, the address changes. Keep the confirmed one.
-        endpoint = confirm(new_endpoint, token)
-        log.info("portal %s moved to a new address", portal.member_id)
-        Portal.objects.filter(pk=portal.pk).update(client_endpoint=endpoint)
-        portal.client_endpoint = endpoint
-        return endpoint
-
-    return PortalClient(
-        member_id=portal.member_id,
-        endpoint=portal.client_endpoint,
-        rate=portal.rate_per_second,
-        burst=portal.rate_burst,
-        on_call=record_call,
-        on_moved=moved,
-        max_wait=max_wait,
-        reserve=INTERACTIVE_RESERVE if bulk else 0,
-        timeout=timeout,
-    )
-
-
-def user_is_admin(info: oauth.AppInfo, server_endpoint: str, access_token: str) -> bool:
-    """Ask the portal, with this (already vouched-for) token, whether its owner is an admin.
-
-    `user.admin` answers for the token's owner; nothing a request posts can change the answer.
-    """
-    portal = Portal.objects.filter(member_id=info.member_id).first()
-    client = PortalClient(
-        member_id=info.member_id,
-        endpoint=oauth.check_portal_endpoint(info.client_endpoint),
-        rate=portal.rate_per_second if portal else None,
-        burst=portal.rate_burst if portal else None,
-        on_call=record_call,
-        on_moved=confirm_moved(info.member_id, server_endpoint),
-        max_wait=1.0,
-        timeout=settings.B24_WEB_TIMEOUT,  # asked inside a web request
-    )
-    result = client.call("user.admin", token=access_token).result
-    return result is True or str(result).lower() in {"true", "1", "y"}
-
-
-def portal_follow_endpoint(portal: Portal, info: oauth.AppInfo) -> Portal:
-    """Each verified open carries Bitrix24's current address of the portal (app.info): a rename
-    changes the host, and the frame's parent is the new one, so store it at once."""
-    endpoint = oauth.check_portal_endpoint(info.client_endpoint)
-    domain = info.domain[:255] or portal.domain
-    if endpoint != portal.client_endpoint or domain != portal.domain:
-        log.info("portal %s has a new address (from app.info)", portal.member_id)
-        Portal.objects.filter(pk=portal.pk).update(client_endpoint=endpoint, domain=domain)
-        portal.client_endpoint, portal.domain = endpoint, domain
-    return portal
-
-
-# --- users' tokens ----------------------------------------------------------------------------
 
 
 # A reopen with an unchanged pair writes nothing, except last_seen_at once this much has passed
@@ -421,163 +303,3 @@ def admin_user(portal: Portal) -> PortalUser:
     if user is None or not user.has_tokens:
         raise ReopenRequired("no administrator token: an admin must open the app once")
     return user
-
-
-# --- install, update, uninstall -----------------------------------------------------------------
-
-
-def portal_install(
-    *, info: oauth.AppInfo, server_endpoint: str, application_token: str, scope: str
-) -> Portal:
-    """Create or refresh the portal from a verified install (key: member_id, never DOMAIN)."""
-    with transaction.atomic():
-        portal = Portal.objects.select_for_update().filter(member_id=info.member_id).first()
-        fresh = portal is None or portal.state == Portal.State.UNINSTALLED
-        if portal is None:
-            portal = Portal(member_id=info.member_id)
-        portal.domain = info.domain[:255]
-        portal.client_endpoint = oauth.check_portal_endpoint(info.client_endpoint)
-        portal.server_endpoint = oauth.trusted_server_base(server_endpoint) + "rest/"
-        portal.scope = (scope or info.scope)[:500]
-        portal.status = info.status[:2]
-        if application_token:
-            portal.application_token = application_token
-        portal.state = Portal.State.ACTIVE
-        portal.state_reason = ""
-        portal.installer_user_id = info.user_id
-        if fresh:
-            portal.installed_at = timezone.now()
-        portal.save()
-    return portal
-
-
-def portal_bind_handlers(portal: Portal) -> BatchResult:
-    """Bind the LEFT_MENU item and our lifecycle events — one batch, idempotent on reinstall:
-    each binding is removed first, so it exists exactly once afterwards."""
-    app_url, events_url = handler_url("app"), handler_url("events")
-    commands: dict[str, tuple[str, dict[str, Any]]] = {
-        "unbind_menu": ("placement.unbind", {"PLACEMENT": "LEFT_MENU", "HANDLER": app_url}),
-        "bind_menu": (
-            "placement.bind",
-            {
-                "PLACEMENT": "LEFT_MENU",
-                "HANDLER": app_url,
-                "TITLE": "Flow Pins",
-                "LANG_ALL": {"en": {"TITLE": "Flow Pins"}, "ru": {"TITLE": "Закрепление потоков"}},
-            },
-        ),
-    }
-    for event in EVENT_HANDLERS:
-        key = event.lower()
-        commands[f"unbind_{key}"] = ("event.unbind", {"event": event, "handler": events_url})
-        commands[f"bind_{key}"] = ("event.bind", {"event": event, "handler": events_url})
-    result = call_with_user(
-        admin_user(portal), lambda client, token: client.batch(commands, token=token)
-    )
-    failed = {k: e for k, e in result.errors.items() if k.startswith("bind_")}
-    if failed:
-        key, err = next(iter(failed.items()))
-        raise err
-    return result
-
-
-def portal_update(portal: Portal, *, application_token: str) -> Portal:
-    with transaction.atomic():
-        portal = Portal.objects.select_for_update().get(pk=portal.pk)
-        if application_token:
-            portal.application_token = application_token
-        portal.state = Portal.State.ACTIVE
-        portal.state_reason = ""
-        portal.save()
-    return portal
-
-
-def portal_uninstall(portal: Portal, *, clean: bool) -> None:
-    """Delete every stored token of the portal at once; with CLEAN=1 delete all its data."""
-    with transaction.atomic():
-        PortalUser.objects.filter(portal=portal).update(
-            access_token="",
-            refresh_token="",
-            token_digest="",
-            expires_at=None,
-            state=PortalUser.State.NEEDS_REOPEN,
-            state_reason="the app was uninstalled",
-        )
-        Portal.objects.filter(pk=portal.pk).update(
-            application_token="",
-            state=Portal.State.UNINSTALLED,
-            state_reason="uninstalled" + (" with data" if clean else ""),
-        )
-        portal_uninstalled.send(sender=Portal, portal=portal, clean=clean)
-        if clean:
-            Portal.objects.filter(pk=portal.pk).delete()
-
-
-class UninstallVerdict(enum.Enum):
-    CONFIRMED = "confirmed"  # the portal refuses the app's own tokens: the app is gone
-    DENIED = "denied"  # the portal still accepts them (or nothing can tell): not Bitrix24's word
-    UNKNOWN = "unknown"  # Bitrix24 could not be asked just now
-
-
-# An uninstall is believed only when the app's stored tokens stop working. At most this many
-# users' chains are asked: the installer and admins first (an ordinary user can spend their own
-# chain, so their refusal alone does not count unless two chains agree).
-UNINSTALL_WITNESSES = 3
-
-
-def _uninstall_witnesses(portal: Portal) -> list[PortalUser]:
-    """The installer, then admins, then the most recently seen users — three at most, chosen
-    in the database (a portal may have thousands of users, and anyone can send the event)."""
-    installer_first = models.Case(
-        models.When(user_id=portal.installer_user_id, then=0),
-        default=1,
-        output_field=models.IntegerField(),
-    )
-    users = (
-        PortalUser.objects.filter(portal=portal, state=PortalUser.State.ACTIVE)
-        .exclude(refresh_token="")
-        .order_by(installer_first, "-is_admin", "-last_seen_at")
-    )
-    return list(users[:UNINSTALL_WITNESSES])
-
-
-def _app_accepts(portal: Portal, user: PortalUser) -> bool | None:
-    """Does Bitrix24 still accept this user's token of our app? None: it could not be asked."""
-    refused = (InvalidToken, AuthRevoked, PortalGone, InvalidClient)
-    token = user.access_token
-    for attempt in range(2):
-        try:
-            oauth.app_info(portal.server_endpoint, token, timeout=settings.B24_WEB_TIMEOUT)
-            return True
-        except TokenExpired:
-            if attempt:
-                return None
-        except refused:
-            return False
-        except BitrixError:  # transient, or an answer we cannot read: ask again later
-            return None
-        try:
-            token, _ = refresh_user_token(user.pk, user.token_version, require_active=False)
-        except (ReopenRequired, ReinstallRequired):
-            return False
-        except BitrixError:
-            return None
-    return None
-
-
-def uninstall_verdict(portal: Portal) -> UninstallVerdict:
-    """Anyone who ever opened the app holds the application_token, so an ONAPPUNINSTALL that
-    matches it is only a claim: ask Bitrix24 with the app's own tokens whether it is true."""
-    witnesses = _uninstall_witnesses(portal)
-    refusals, trusted = 0, False
-    for user in witnesses:
-        accepted = _app_accepts(portal, user)
-        if accepted is None:
-            return UninstallVerdict.UNKNOWN
-        if accepted:
-            return UninstallVerdict.DENIED
-        refusals += 1
-        trusted = trusted or user.is_admin or user.user_id == portal.installer_user_id
-    if trusted or refusals >= 2:
-        return UninstallVerdict.CONFIRMED
-    return UninstallVerdict.DENIED

@@ -1,0 +1,29 @@
+"""The REST call log: one metadata row per request to a portal (never a secret), kept
+B24_CALL_LOG_DAYS (the Market asks for three days at least)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from b24app.bitrix.client import CallRecord
+from b24app.models import RestCall
+
+
+def record_call(record: CallRecord) -> None:
+    RestCall.objects.create(
+        member_id=record.member_id,
+        method=record.method[:100],
+        http_status=record.http_status,
+        error=record.error,
+        duration_ms=record.duration_ms,
+        commands=record.commands,
+    )
+
+
+def prune_call_log() -> int:
+    cutoff = timezone.now() - timedelta(days=max(3, settings.B24_CALL_LOG_DAYS))
+    deleted, _ = RestCall.objects.filter(created_at__lt=cutoff).delete()
+    return deleted
