@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from django.http import HttpRequest, QueryDict
 
 from b24app.bitrix import oauth
-from b24app.frame import MEMBER_RE, Refused, require_admin, tokens_equal, vouch_for_token
+from b24app.frame import MEMBER_RE, require_admin, tokens_equal, vouch_for_token
 from b24app.models import Portal
+from b24app.problems import Refused
 
 EVENTS = {"ONAPPINSTALL", "ONAPPUPDATE", "ONAPPUNINSTALL"}
 # Lifecycle events Bitrix24 may post that need nothing from us (ONAPPUSERREADY goes to the

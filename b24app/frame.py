@@ -29,6 +29,7 @@ from b24app import portal_client
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
+from b24app.problems import Refused
 from b24app.redisconn import redis_client
 from b24app.stored import AlsoRead, stored_portal_and_user
 
@@ -38,16 +39,6 @@ LANGS = {"en", "ru"}
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._\-]{8,512}$")
 MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SECONDS_RE = re.compile(r"^[0-9]{1,10}$")  # ASCII digits only: "²".isdigit() is True
-
-
-class Refused(Exception):
-    """A request we will not act on: 400 when malformed, 403 when not trusted, 502/503 when the
-    OAuth server could not be asked. The message is plain words and holds no secret."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def parse_seconds(text: str) -> int | None:

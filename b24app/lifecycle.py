@@ -22,12 +22,12 @@ from b24app.bitrix.errors import (
     InvalidClient,
     InvalidToken,
     PortalGone,
+    ReinstallRequired,
+    ReopenRequired,
     TokenExpired,
 )
 from b24app.models import Portal, PortalUser
 from b24app.tokens import (
-    ReinstallRequired,
-    ReopenRequired,
     admin_user,
     call_with_user,
     refresh_user_token,

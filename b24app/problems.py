@@ -55,8 +55,10 @@ def words(problem: str) -> str:
 
 
 class Refused(Exception):
-    """A request refused at the door: its HTTP status and why, in words. Nothing was stored or
-    changed. Frame POSTs and events answer it as plain text, the page's API as JSON."""
+    """A request refused at the door: 400 when malformed, 401/403 when not trusted, 503 when
+    something it needs (the OAuth server, Redis) could not be asked. The message is plain words
+    and holds no secret; nothing was stored or changed. Frame POSTs and events answer it as
+    plain text, the page's API as JSON."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

@@ -15,7 +15,7 @@ from celery import bootsteps, shared_task
 from django.db import transaction
 
 from b24app import calllog, lifecycle, tokens
-from b24app.bitrix.errors import RateLimited, TransientError
+from b24app.bitrix.errors import RateLimited, ReinstallRequired, ReopenRequired, TransientError
 from b24app.celery import app
 from b24app.models import Portal
 from b24app.redisconn import redis_client
@@ -58,7 +58,7 @@ def bind_handlers(self, *, portal_id: int) -> str:  # type: ignore[no-untyped-de
     except TransientError as exc:
         delay = exc.retry_after if isinstance(exc, RateLimited) else 2**self.request.retries
         raise self.retry(countdown=min(300, delay + random.uniform(0, 1 + delay))) from None
-    except (tokens.ReopenRequired, tokens.ReinstallRequired) as exc:
+    except (ReopenRequired, ReinstallRequired) as exc:
         log.warning("portal %s: cannot bind handlers: %s", portal.member_id, exc)
         return f"failed: {exc}"
     return "bound"

@@ -26,6 +26,8 @@ from b24app.bitrix.errors import (
     InvalidClient,
     InvalidToken,
     PortalGone,
+    ReinstallRequired,
+    ReopenRequired,
     TokenExpired,
 )
 from b24app.models import Portal, PortalUser
@@ -36,14 +38,6 @@ T = TypeVar("T")
 
 # Seconds before the stored expiry at which a token counts as expired (clock skew, slow calls).
 EXPIRY_MARGIN = 30
-
-
-class ReopenRequired(Exception):
-    """The user's tokens are gone or dead: they must open the app in Bitrix24 again."""
-
-
-class ReinstallRequired(Exception):
-    """The portal is uninstalled, unpaid or deleted: an admin must act in Bitrix24."""
 
 
 # A reopen with an unchanged pair writes nothing, except last_seen_at once this much has passed
@@ -288,7 +282,7 @@ def keep_idle_tokens_alive(*, limit: int = 500) -> int:
         try:
             refresh_user_token(user.pk, user.token_version)
             refreshed += 1
-        except (ReopenRequired, ReinstallRequired, BitrixError) as exc:
+        except BitrixError as exc:
             log.info("keep-alive refresh for a user of %s failed: %s", user.portal_id, exc)
     return refreshed
 

@@ -26,14 +26,12 @@ from b24app import eventauth, frame, lifecycle, portal_client, tasks, tokens
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
+from b24app.problems import Problem, Refused, words
 
 log = logging.getLogger(__name__)
 
 
-UNAVAILABLE = "Flow Pins is briefly unavailable (its queue is down); try again in a minute."
-
-
-def refusal(exc: frame.Refused) -> HttpResponse:
+def refusal(exc: Refused) -> HttpResponse:
     return HttpResponse(
         exc.message + "\n", status=exc.status, content_type="text/plain; charset=utf-8"
     )
@@ -82,12 +80,12 @@ def entry(
                 return _describe(request, what)
             try:
                 return view(request)
-            except frame.Refused as exc:
+            except Refused as exc:
                 log.info("refused %s request: %s", what, exc.message)
                 return refusal(exc)
             except RedisError:  # the cache, the shared rate limit and the queue live in Redis
                 log.warning("%s request: Redis is not answering", what)
-                return refusal(frame.Refused(503, UNAVAILABLE))
+                return refusal(Refused(503, words(Problem.APP_UNAVAILABLE)))
 
         wrapped.__name__ = view.__name__
         return wrapped
@@ -138,9 +136,9 @@ def install(request: HttpRequest) -> HttpResponse:
     except TransientError as exc:
         context["problem"] = "busy"
         context["detail"] = exc.code
-    except (BitrixError, tokens.ReopenRequired, tokens.ReinstallRequired) as exc:
+    except BitrixError as exc:
         context["problem"] = "failed"
-        context["detail"] = getattr(exc, "code", str(exc))
+        context["detail"] = exc.code
     response = render(request, "b24app/install.html", context, status=200 if context["ok"] else 502)
     return framed(request, response, portal.origin)
 
@@ -217,7 +215,7 @@ def _uninstall(portal: Portal, *, clean: bool) -> HttpResponse:
         "portal %s: ONAPPUNINSTALL refused, the app's tokens still work (not Bitrix24's word)",
         portal.member_id,
     )
-    raise frame.Refused(
+    raise Refused(
         403,
         "Refused: uninstall not confirmed by Bitrix24 (the app's tokens for this portal still "
         "work). Nothing was deleted.",

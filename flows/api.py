@@ -12,8 +12,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from b24app import tokens
-from b24app.bitrix.errors import AccessDenied, TransientError
+from b24app.bitrix.errors import AccessDenied, BitrixError, TransientError
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem, words
 from flows import intents, listing, snapshots, tasks
@@ -204,23 +203,10 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
         row = listing.add_by_id(portal, user, flow_id, deadline=True)
     except AccessDenied:
         return JsonResponse({"error": words(Problem.NOT_VISIBLE)}, status=404)
-    except (tokens.ReopenRequired, tokens.ReinstallRequired):
-        return JsonResponse({"error": words(Problem.REOPEN)}, status=409)
     except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
-        try:
-            tasks.add_flow.delay(portal_id=portal.pk, user_id=user.user_id, flow_id=flow_id)
-        except Exception:
-            return JsonResponse({"error": words(Problem.UNAVAILABLE)}, status=503)
-        return JsonResponse(
-            {
-                "pending": True,
-                "message": _(
-                    "Bitrix24 is slow to answer; still checking. "
-                    "The flow will appear when it answers."
-                ),
-            },
-            status=202,
-        )
+        return _add_later(portal, user, flow_id)
+    except BitrixError as exc:  # the user must reopen, the portal must reinstall, or a refusal
+        return JsonResponse({"error": words(exc.problem)}, status=409)
     meta = snapshots.meta(portal, user.user_id)
     return JsonResponse(
         {
@@ -229,4 +215,21 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
             # against any older list it is sent.
             "version": meta.version if meta else None,
         }
+    )
+
+
+def _add_later(portal: Portal, user: PortalUser, flow_id: int) -> HttpResponse:
+    """The portal was too slow for the web deadline: a worker finishes the add."""
+    try:
+        tasks.add_flow.delay(portal_id=portal.pk, user_id=user.user_id, flow_id=flow_id)
+    except Exception:
+        return JsonResponse({"error": words(Problem.UNAVAILABLE)}, status=503)
+    return JsonResponse(
+        {
+            "pending": True,
+            "message": _(
+                "Bitrix24 is slow to answer; still checking. The flow will appear when it answers."
+            ),
+        },
+        status=202,
     )

@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
-from b24app.problems import Problem, words
+from b24app.problems import Problem, Refused, words
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,6 @@ MAX_FLOWS_PER_REQUEST = 500
 
 def page_token(portal: Portal, user: PortalUser, lang: str) -> str:
     return signing.dumps({"p": portal.pk, "u": user.user_id, "l": lang}, salt=TOKEN_SALT)
-
-
-class PageAuthError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -51,17 +44,17 @@ class PageClaims:
 def page_claims(request: HttpRequest) -> PageClaims:
     raw = request.META.get(TOKEN_HEADER, "")
     if not raw:
-        raise PageAuthError(401, _("Please reopen the app from Bitrix24."))
+        raise Refused(401, _("Please reopen the app from Bitrix24."))
     try:
         data = signing.loads(raw, salt=TOKEN_SALT, max_age=settings.FLOWPINS_PAGE_TOKEN_SECONDS)
     except signing.SignatureExpired:
-        raise PageAuthError(401, _("This page has expired: please reopen the app.")) from None
+        raise Refused(401, _("This page has expired: please reopen the app.")) from None
     except signing.BadSignature:
-        raise PageAuthError(403, _("This request was not issued by the app.")) from None
+        raise Refused(403, _("This request was not issued by the app.")) from None
     translation.activate(data.get("l") or "en")
     portal_id, user_id = data.get("p"), data.get("u")
     if not isinstance(portal_id, int) or not isinstance(user_id, int):
-        raise PageAuthError(403, _("This request was not issued by the app."))
+        raise Refused(403, _("This request was not issued by the app."))
     return PageClaims(portal_id, user_id)
 
 
@@ -75,7 +68,7 @@ def page_auth(request: HttpRequest) -> tuple[Portal, PortalUser]:
         .first()
     )
     if user is None or not user.portal.is_active:
-        raise PageAuthError(403, _("The app is not installed on this portal any more."))
+        raise Refused(403, _("The app is not installed on this portal any more."))
     return user.portal, user
 
 
@@ -131,7 +124,7 @@ def api(view: Any, *, lookup: bool = True) -> Any:
                 return _too_many(wait)
             response: HttpResponse = view(request, *who)
             return response
-        except PageAuthError as exc:
+        except Refused as exc:
             return JsonResponse({"error": exc.message}, status=exc.status)
         except RedisError:  # the shared rate limit and the queue live in Redis
             log.warning("%s: Redis is not answering", view.__name__)
@@ -149,7 +142,7 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
     try:
         body = json.loads(request.body or b"{}")
     except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
-        raise PageAuthError(400, _("The request body is not valid JSON.")) from None
+        raise Refused(400, _("The request body is not valid JSON.")) from None
     if not isinstance(body, dict):
-        raise PageAuthError(400, _("The request body must be a JSON object."))
+        raise Refused(400, _("The request body must be a JSON object."))
     return body

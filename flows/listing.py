@@ -11,7 +11,12 @@ from typing import Any
 from django.conf import settings
 
 from b24app import tokens
-from b24app.bitrix.errors import MethodNotFound, TransientError
+from b24app.bitrix.errors import (
+    MethodNotFound,
+    ReinstallRequired,
+    ReopenRequired,
+    TransientError,
+)
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
 from flows import remote, snapshots
@@ -77,10 +82,8 @@ def fetch(portal: Portal, user: PortalUser, *, bulk: bool = False) -> Snapshot:
 
 def fetch_problem(exc: BaseException) -> Problem:
     """Why a fetch of the list failed, as the page waiting on it shows it."""
-    if isinstance(exc, tokens.ReopenRequired):
-        return Problem.REOPEN
-    if isinstance(exc, tokens.ReinstallRequired):
-        return Problem.REINSTALL
+    if isinstance(exc, ReopenRequired | ReinstallRequired):
+        return exc.problem
     if isinstance(exc, TransientError):
         return Problem.LIST_BUSY
     return Problem.LIST_REFUSED

@@ -18,7 +18,6 @@ from celery.signals import worker_ready
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.celery import app
 from b24app.models import Portal, PortalUser
-from b24app.tokens import ReinstallRequired, ReopenRequired
 from flows import converge as engine
 from flows import intents, listing, snapshots
 from flows.lock import release_locks_of
@@ -137,7 +136,7 @@ def add_flow(self: Any, *, portal_id: int, user_id: int, flow_id: int) -> str:
         return "skipped"
     try:
         info = listing.add_by_id(portal, user, flow_id)
-    except (BitrixError, ReopenRequired, ReinstallRequired) as exc:
+    except BitrixError as exc:
         if isinstance(exc, TransientError):
             raise
         return f"not added: {type(exc).__name__}"

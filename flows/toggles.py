@@ -28,6 +28,8 @@ from b24app.bitrix.errors import (
     OperationTimeLimit,
     PortalGone,
     RateLimited,
+    ReinstallRequired,
+    ReopenRequired,
     ResponseLost,
     TransientError,
 )
@@ -202,7 +204,7 @@ def toggle_round(
         # Another run may own these flows now: claim nothing, leave their state unknown.
         record_answers({fid: None for fid in ids}, chunk, only_pending=True)
         raise
-    except (BitrixError, tokens.ReopenRequired, tokens.ReinstallRequired) as exc:
+    except BitrixError as exc:
         return _request_failed(portal, user, chunk, stats, exc, progress=progress)
     return _read_answers(chunk, answers, stats, progress=progress)
 
@@ -218,21 +220,21 @@ def _request_failed(
     user: PortalUser,
     chunk: dict[int, PinIntent],
     stats: dict[str, int],
-    exc: Exception,
+    exc: BitrixError,
     *,
     progress: bool,
 ) -> Outcome | Answered:
     """What a whole request's failure means for the run and for the flows in it."""
     pks = [i.pk for i in chunk.values()]
-    if isinstance(exc, tokens.ReopenRequired):
-        _stop_all(portal, user, Problem.REOPEN)
+    if isinstance(exc, ReopenRequired):
+        _stop_all(portal, user, exc.problem)
         stats["failed"] += len(pks)
-        return Outcome.final("reopen")
-    if isinstance(exc, tokens.ReinstallRequired | PortalGone):
+        return Outcome.final(exc.problem)
+    if isinstance(exc, ReinstallRequired | PortalGone):
         if isinstance(exc, PortalGone):
             tokens.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
         _stop_all(portal, user, Problem.REINSTALL)
-        return Outcome.final("reinstall")
+        return Outcome.final(Problem.REINSTALL)
     if isinstance(exc, RateLimited | OperationTimeLimit):
         _mark_problem(pks, Problem.RATE_LIMITED)
         if isinstance(exc, RateLimited):
@@ -250,7 +252,7 @@ def _request_failed(
         _mark_problem(pks, Problem.UNAVAILABLE)
         return Outcome.retry(2.0, "portal unavailable", progress=progress)
     # Permanent, for the whole request.
-    log.warning("pin request failed permanently: %s", getattr(exc, "code", type(exc).__name__))
+    log.warning("pin request failed permanently: %s", exc.code)
     finish(pks, PinIntent.Status.FAILED, Problem.GAVE_UP)
     stats["failed"] += len(pks)
     return "answered"

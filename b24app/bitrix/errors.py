@@ -2,14 +2,18 @@
 
 Branch on the `error` string, never on the HTTP status: the platform's statuses disagree with its
 own docs (see the brief, §6). Messages carry the code and Bitrix24's description only — never a
-token, a URL with a token, or a request body.
+token, a URL with a token, or a request body. Each type carries the problem a user is shown
+for it (`b24app.problems`).
 """
 
 from __future__ import annotations
 
+from b24app.problems import Problem
+
 
 class BitrixError(Exception):
     transient = False
+    problem = Problem.GAVE_UP
 
     def __init__(self, code: str, description: str = "", *, status: int | None = None) -> None:
         self.code = code
@@ -21,10 +25,13 @@ class BitrixError(Exception):
 # --- transient: try again later ---------------------------------------------------------------
 class TransientError(BitrixError):
     transient = True
+    problem = Problem.UNAVAILABLE
 
 
 class RateLimited(TransientError):
     """QUERY_LIMIT_EXCEEDED from the portal, or our shared bucket has no room yet."""
+
+    problem = Problem.RATE_LIMITED
 
     def __init__(
         self,
@@ -40,6 +47,8 @@ class RateLimited(TransientError):
 
 class OperationTimeLimit(TransientError):
     """429 OPERATION_TIME_LIMIT: this method is paused for this app until `reset_at`."""
+
+    problem = Problem.RATE_LIMITED
 
     def __init__(
         self,
@@ -73,9 +82,13 @@ class MalformedAnswer(ResponseLost):
 class TokenExpired(BitrixError):
     """expired_token: refresh (under the lock) and retry once."""
 
+    problem = Problem.REOPEN
+
 
 class InvalidToken(BitrixError):
     """invalid_token / NO_AUTH_FOUND: at most one locked refresh, then stop."""
+
+    problem = Problem.REOPEN
 
 
 # --- permanent: do not retry ------------------------------------------------------------------
@@ -86,17 +99,25 @@ class PermanentError(BitrixError):
 class AuthRevoked(PermanentError):
     """The user's refresh chain is dead (invalid_grant, user_access_error): reopen the app."""
 
+    problem = Problem.REOPEN
+
 
 class PortalGone(PermanentError):
     """PAYMENT_REQUIRED, PORTAL_DELETED, app not installed: the admin must act (reinstall, pay)."""
+
+    problem = Problem.REINSTALL
 
 
 class InvalidClient(PermanentError):
     """Our client_id/client_secret are wrong for this portal — an operator problem."""
 
+    problem = Problem.INTERNAL
+
 
 class AccessDenied(PermanentError):
     """The token's user may not do this (including flows: "Access denied or flow not found")."""
+
+    problem = Problem.DENIED
 
 
 class MethodNotFound(PermanentError):
@@ -105,6 +126,25 @@ class MethodNotFound(PermanentError):
 
 class BadRequest(PermanentError):
     pass
+
+
+# --- what the app concludes from them -----------------------------------------------------------
+class ReopenRequired(PermanentError):
+    """The user's tokens are gone or dead: they must open the app in Bitrix24 again."""
+
+    problem = Problem.REOPEN
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("REOPEN_REQUIRED", reason)
+
+
+class ReinstallRequired(PermanentError):
+    """The portal is uninstalled, unpaid or deleted: an admin must act in Bitrix24."""
+
+    problem = Problem.REINSTALL
+
+    def __init__(self, reason: str) -> None:
+        super().__init__("REINSTALL_REQUIRED", reason)
 
 
 _TRANSIENT: dict[str, type[BitrixError]] = {

@@ -16,6 +16,7 @@ from django.test import Client
 
 from b24app import tokens
 from b24app.bitrix import errors, oauth
+from b24app.bitrix.errors import ReinstallRequired, ReopenRequired
 from b24app.models import Portal, PortalUser, RestCall
 from tests.helpers import install, launch, post_frame, sb, state
 
@@ -81,14 +82,14 @@ def test_a_dead_refresh_token_asks_the_user_to_reopen_and_stops(sandbox: Any) ->
         timeout=5,
     )
     assert used.status_code == 200
-    with pytest.raises(tokens.ReopenRequired):
+    with pytest.raises(ReopenRequired):
         _profile(user)
     user.refresh_from_db()
     assert user.state == PortalUser.State.NEEDS_REOPEN
     assert "invalid_grant" in user.state_reason
     assert user.access_token == "" and user.refresh_token == ""
     calls = state(sandbox)["counters"]["requests"]
-    with pytest.raises(tokens.ReopenRequired):  # no further REST or OAuth traffic
+    with pytest.raises(ReopenRequired):  # no further REST or OAuth traffic
         _profile(user)
     assert state(sandbox)["counters"]["requests"] == calls
     # Opening the app again brings fresh tokens and the user is back.
@@ -100,7 +101,7 @@ def test_payment_required_marks_the_portal_for_the_admin(sandbox: Any) -> None:
     install(Client(), sandbox)
     sb(sandbox, "config", {"portal": "alpha", "payment_expired": True})
     sb(sandbox, "p/alpha/expire", {})
-    with pytest.raises(tokens.ReinstallRequired):
+    with pytest.raises(ReinstallRequired):
         _profile(PortalUser.objects.get(user_id=1))
     assert Portal.objects.get().state == Portal.State.NEEDS_REINSTALL
 

@@ -12,7 +12,7 @@ import pytest
 from django.test import Client
 
 from b24app import tokens
-from b24app.bitrix.errors import BadRequest
+from b24app.bitrix.errors import BadRequest, ReopenRequired
 from b24app.models import Portal, PortalUser
 from tests.helpers import install, launch, post_frame, sb, settle_background_work, state
 from tests.security.conftest import stored_state
@@ -235,7 +235,7 @@ def test_a_refresh_token_from_another_portal_is_refused_and_moves_nothing(sandbo
     # refreshes race for the one-use refresh token and the loser reads "invalid_grant".
     settle_background_work()
     user = PortalUser.objects.get(user_id=ORDINARY)
-    with pytest.raises(tokens.ReopenRequired, match="another portal"):
+    with pytest.raises(ReopenRequired, match="another portal"):
         tokens.call_with_user(user, lambda c, t: c.call("user.current", token=t))
     user.refresh_from_db()
     assert user.state == PortalUser.State.NEEDS_REOPEN and not user.has_tokens
@@ -256,7 +256,7 @@ def test_a_refresh_answer_for_another_user_is_refused(sandbox: Any) -> None:
     post_frame(client, attack, REFRESH_ID=someone_else["form"]["REFRESH_ID"], AUTH_EXPIRES="0")
     settle_background_work()  # as above: one refresh at a time
     user = PortalUser.objects.get(user_id=ORDINARY)
-    with pytest.raises(tokens.ReopenRequired, match="another user"):
+    with pytest.raises(ReopenRequired, match="another user"):
         tokens.call_with_user(user, lambda c, t: c.call("user.current", token=t))
     assert not PortalUser.objects.filter(user_id=3).exists()
 
