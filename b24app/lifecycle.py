@@ -7,13 +7,13 @@ Views validate and tasks retry; the decisions and the writes are here.
 from __future__ import annotations
 
 import enum
-from typing import Any
 
 from django.conf import settings
 from django.db import models, transaction
 from django.dispatch import Signal
 from django.utils import timezone
 
+from b24app import placements
 from b24app.bitrix import oauth
 from b24app.bitrix.client import BatchResult
 from b24app.bitrix.errors import (
@@ -69,21 +69,11 @@ def portal_install(
 
 
 def portal_bind_handlers(portal: Portal) -> BatchResult:
-    """Bind the LEFT_MENU item and our lifecycle events — one batch, idempotent on reinstall:
-    each binding is removed first, so it exists exactly once afterwards."""
-    app_url, events_url = handler_url("app"), handler_url("events")
-    commands: dict[str, tuple[str, dict[str, Any]]] = {
-        "unbind_menu": ("placement.unbind", {"PLACEMENT": "LEFT_MENU", "HANDLER": app_url}),
-        "bind_menu": (
-            "placement.bind",
-            {
-                "PLACEMENT": "LEFT_MENU",
-                "HANDLER": app_url,
-                "TITLE": "Flow Pins",
-                "LANG_ALL": {"en": {"TITLE": "Flow Pins"}, "ru": {"TITLE": "Закрепление потоков"}},
-            },
-        ),
-    }
+    """Bind every registered placement (`b24app.placements`) and our lifecycle events — one
+    batch, idempotent on reinstall: each binding is removed first, so it exists exactly once
+    afterwards."""
+    events_url = handler_url("events")
+    commands = placements.bind_commands(handler_url("app"))
     for event in EVENT_HANDLERS:
         key = event.lower()
         commands[f"unbind_{key}"] = ("event.unbind", {"event": event, "handler": events_url})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
@@ -22,11 +22,13 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 from redis.exceptions import RedisError
 
-from b24app import eventauth, frame, lifecycle, portal_client, tasks, tokens
+from b24app import eventauth, frame, lifecycle, placements, portal_client, tasks, tokens
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
+from b24app.placements import FrameRequest
 from b24app.problems import Problem, Refused, words
+from b24app.stored import AlsoRead
 
 log = logging.getLogger(__name__)
 
@@ -143,21 +145,46 @@ def install(request: HttpRequest) -> HttpResponse:
     return framed(request, response, portal.origin)
 
 
-@entry("application page")
-def app(request: HttpRequest) -> HttpResponse:
-    from flows.intents import PAGE_INTENTS  # the page users see lives with the flows
-    from flows.page import app_page
+def frame_entry(
+    what: str, *, also: Callable[[HttpRequest], AlsoRead | None] = lambda request: None
+) -> Callable[[Callable[[FrameRequest], HttpResponse]], Callable[[HttpRequest], HttpResponse]]:
+    """The one entry for pages Bitrix24 opens in its frame.
 
-    # The user's intents come with the portal and the user: a reopen is one query.
-    verified = frame.verify_frame_post(request, installing=False, also=PAGE_INTENTS)
-    portal = verified.portal  # verify_frame_post refuses an app POST without one
-    assert portal is not None
-    portal = portal_client.portal_follow_endpoint(portal, verified.info)  # renames move the host
-    user = _store_frame_tokens(portal, verified)
-    translation.activate(verified.lang)
-    intents = verified.also if isinstance(verified.also, str) else None  # None: a new user
-    page = app_page(request, portal=portal, user=user, intents_json=intents)
-    return framed(request, page, portal.origin)
+    It verifies the POST (a 4xx with words otherwise, nothing stored), follows a renamed
+    portal, keeps the frame's tokens for its user, speaks their language and puts the portal,
+    the user and the verified frame on the request; the answer may be framed by that portal
+    only. `also`: one more value to read with the portal and the user (`stored.AlsoRead`).
+    """
+
+    def wrap(
+        view: Callable[[FrameRequest], HttpResponse],
+    ) -> Callable[[HttpRequest], HttpResponse]:
+        @entry(what)
+        def wrapped(request: HttpRequest) -> HttpResponse:
+            verified = frame.verify_frame_post(request, installing=False, also=also(request))
+            portal = verified.portal  # verify_frame_post refuses an app POST without one
+            assert portal is not None
+            portal = portal_client.portal_follow_endpoint(portal, verified.info)  # renames
+            user = _store_frame_tokens(portal, verified)
+            translation.activate(verified.lang)
+            opened = cast(FrameRequest, request)
+            opened.portal, opened.b24user, opened.frame = portal, user, verified
+            return framed(request, view(opened), portal.origin)
+
+        wrapped.__name__ = view.__name__
+        return wrapped
+
+    return wrap
+
+
+def _placement(request: HttpRequest) -> placements.Placement:
+    return placements.find(request.POST.get("PLACEMENT", "") or placements.DEFAULT)
+
+
+@frame_entry("application page", also=lambda request: _placement(request).also)
+def app(request: FrameRequest) -> HttpResponse:
+    """Every placement of the app opens this one URL: the one Bitrix24 names renders."""
+    return _placement(request).view(request)
 
 
 @entry("event handler")

@@ -24,6 +24,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext, trans_real
 
 from b24app.models import Portal, PortalUser
+from b24app.placements import FrameRequest
 from b24app.problems import Problem, words
 from flows import intents, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, page_token
@@ -192,3 +193,10 @@ def app_page(
         },
     )
     return HttpResponse(html, content_type="text/html; charset=utf-8")
+
+
+def app_view(request: FrameRequest) -> HttpResponse:
+    """The flows page as a placement's view (registered in `flows.apps`)."""
+    also = request.frame.also  # the intents, read with the portal and the user (PAGE_INTENTS)
+    intents_json = also if isinstance(also, str) else None  # None: a user never seen before
+    return app_page(request, portal=request.portal, user=request.b24user, intents_json=intents_json)
