@@ -16,7 +16,7 @@ from typing import Any
 
 import requests
 
-from b24app.procs import free_port, worker_command
+from devtools.procs import free_port, worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "local.sandbox0000000001"

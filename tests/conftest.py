@@ -20,7 +20,7 @@ import pytest
 import redis as redis_lib
 from django.conf import settings
 
-from b24app.procs import worker_command
+from devtools.procs import worker_command
 from tests.helpers import WORKER, settle_background_work
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,7 +31,7 @@ os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
 
 
 def _private_redis() -> str:
-    from b24app.procs import free_port, redis_command
+    from devtools.procs import free_port, redis_command
 
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="flowpins-redis-"))

@@ -20,7 +20,7 @@ from typing import Any
 import redis as redis_lib
 import requests
 
-from b24app.procs import free_port, redis_command, worker_command
+from devtools.procs import free_port, redis_command, worker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 

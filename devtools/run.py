@@ -22,7 +22,7 @@ from types import FrameType
 
 import environ
 
-from b24app.procs import free_port, redis_command, worker_command
+from devtools.procs import free_port, redis_command, worker_command
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ class Supervisor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m b24app.devrun")
+    parser = argparse.ArgumentParser(prog="python -m devtools")
     parser.add_argument("mode", choices=["run", "demo"], nargs="?", default="run")
     args = parser.parse_args(argv)
 
