@@ -12,7 +12,6 @@ import argparse
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,19 +22,9 @@ from types import FrameType
 import environ
 
 from devtools.procs import free_port, redis_command, worker_command
+from devtools.supervisor import StartError, Supervisor
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-
-
-def _wait_for_port(port: int, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.1)
-    return False
 
 
 def _local_secrets(var_dir: Path) -> dict[str, str]:
@@ -60,46 +49,8 @@ def _local_secrets(var_dir: Path) -> dict[str, str]:
     return values
 
 
-class Supervisor:
-    def __init__(self) -> None:
-        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
-        self.stopping = False
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(cmd, env=env, cwd=BASE_DIR, start_new_session=True)  # noqa: S603
-        self.procs.append((name, proc))
-        return proc
-
-    def stop_all(self) -> None:
-        self.stopping = True
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for name, proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"[flowpins] {name} did not stop in time; killing it", flush=True)
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def wait(self) -> int:
-        while not self.stopping:
-            for name, proc in self.procs:
-                code = proc.poll()
-                if code is not None:
-                    print(f"[flowpins] {name} exited with code {code}; stopping", flush=True)
-                    return code or 1
-            time.sleep(0.3)
-        return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m devtools")
-    parser.add_argument("mode", choices=["run", "demo"], nargs="?", default="run")
-    args = parser.parse_args(argv)
-
+def _environment() -> tuple[dict[str, str], Path]:
+    """This process's environment (and .env under it) with the local-run defaults; the var dir."""
     env_file = os.environ.get("FLOWPINS_ENV_FILE", str(BASE_DIR / ".env"))
     if Path(env_file).is_file():
         environ.Env.read_env(env_file, overwrite=False)
@@ -110,99 +61,143 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in _local_secrets(var_dir).items():
         env.setdefault(key, value)
     port = int(env.setdefault("PORT", "8000"))
-    host = env.get("HOST", "127.0.0.1")
     env.setdefault("B24_APP_BASE_URL", f"http://127.0.0.1:{port}")
     if env["B24_APP_BASE_URL"].startswith("http://"):
         # Served over plain http here: outside DEBUG the https redirect would lock the browser out.
         env.setdefault("SECURE_SSL_REDIRECT", "0")
+    return env, var_dir
+
+
+def _start_redis(sup: Supervisor, env: dict[str, str], var_dir: Path) -> None:
+    """A private Redis (persisted under var/redis) as the broker; sets REDIS_URL."""
+    redis_port = free_port()
+    redis_dir = var_dir / "redis"
+    redis_dir.mkdir(exist_ok=True)
+    sup.start("redis", redis_command(redis_port, redis_dir, persist=True), env).wait_for_port(
+        redis_port
+    )
+    env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    print(f"[flowpins] private Redis (broker, locks, rate limits) on port {redis_port}")
+
+
+def _start_sandbox(sup: Supervisor, env: dict[str, str]) -> str:
+    """The simulated portal, allow-listed as the OAuth server; returns its URL."""
+    sandbox_port = int(env.get("SANDBOX_PORT", "8090"))
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    env["B24_OAUTH_SERVERS"] = f"{sandbox_url}/"
+    env["B24_ALLOW_HTTP"] = "1"
+    env["SANDBOX_APP_URL"] = env["B24_APP_BASE_URL"]
+    env["SANDBOX_PORT"] = str(sandbox_port)
+    env.setdefault("B24_CLIENT_ID", "local.sandbox0000000001")
+    env.setdefault("B24_CLIENT_SECRET", "sandbox-client-secret")
+    sup.start("sandbox", [sys.executable, "-m", "sandbox"], env)
+    return sandbox_url
+
+
+def _prepare_database(env: dict[str, str]) -> None:
+    """Migrate; outside DEBUG also collect the static files whitenoise serves."""
     python = sys.executable
-    bindir = str(Path(python).parent)
-    sup = Supervisor()
+    subprocess.run([python, "manage.py", "migrate", "--noinput"], env=env, cwd=BASE_DIR, check=True)
+    if env.get("DEBUG", "").lower() not in ("1", "true", "yes", "on"):
+        subprocess.run(
+            [python, "manage.py", "collectstatic", "--noinput", "-v0"],
+            env=env,
+            cwd=BASE_DIR,
+            check=True,
+        )
+
+
+def _web_command(host: str, port: int) -> list[str]:
+    return [
+        f"{Path(sys.executable).parent}/gunicorn",
+        "b24app.wsgi",
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        "2",
+        "--threads",
+        "4",
+        "--access-logfile",
+        "-",
+        "--graceful-timeout",
+        "5",
+    ]
+
+
+def _print_handlers(base: str, sandbox_url: str | None) -> None:
+    print(
+        "\n[flowpins] running. Register the app in Bitrix24 (scopes: task, placement) with:\n"
+        f"  Application URL (handler):      {base}/b24/app/\n"
+        f"  Application installer URL:      {base}/b24/install/\n"
+        f"  Event handler URL:              {base}/b24/events/\n"
+        f"  Health:                         {base}/healthz\n",
+        flush=True,
+    )
+    if sandbox_url is not None:
+        print(
+            f"[flowpins] sandbox portal: {sandbox_url}/p/alpha/  (install the app there first,"
+            " then open it as any user)\n",
+            flush=True,
+        )
+    print("[flowpins] Ctrl-C stops everything.", flush=True)
+
+
+def _watch(sup: Supervisor, stopping: list[bool]) -> int:
+    """Until Ctrl-C (0) or until one of the processes dies (its code, at least 1)."""
+    while not stopping:
+        exited = sup.first_exit()
+        if exited is not None:
+            name, code = exited
+            print(f"[flowpins] {name} exited with code {code}; stopping", flush=True)
+            return code or 1
+        time.sleep(0.3)
+    return 0
+
+
+def _serve(sup: Supervisor, mode: str, env: dict[str, str], var_dir: Path) -> int:
+    if not env.get("REDIS_URL"):
+        try:
+            _start_redis(sup, env, var_dir)
+        except StartError:
+            print("[flowpins] the private Redis did not start", flush=True)
+            return 1
+    sandbox_url = _start_sandbox(sup, env) if mode == "demo" else None
+    _prepare_database(env)
+    port = int(env["PORT"])
+    web = sup.start("web", _web_command(env.get("HOST", "127.0.0.1"), port), env)
+    sup.start("worker", worker_command(), env)
+    try:
+        web.wait_for_port(port, 30)
+    except StartError:
+        print("[flowpins] the web server did not start", flush=True)
+        return 1
+    _print_handlers(env["B24_APP_BASE_URL"], sandbox_url)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m devtools")
+    parser.add_argument("mode", choices=["run", "demo"], nargs="?", default="run")
+    args = parser.parse_args(argv)
+    env, var_dir = _environment()
+    sup = Supervisor(cwd=BASE_DIR)
+    stopping: list[bool] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        sup.stopping = True
+        stopping.append(True)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
     try:
-        if not env.get("REDIS_URL"):
-            redis_port = free_port()
-            redis_dir = var_dir / "redis"
-            redis_dir.mkdir(exist_ok=True)
-            sup.start("redis", redis_command(redis_port, redis_dir, persist=True), env)
-            if not _wait_for_port(redis_port):
-                print("[flowpins] the private Redis did not start", flush=True)
-                return 1
-            env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
-            print(f"[flowpins] private Redis (broker, locks, rate limits) on port {redis_port}")
-
-        if args.mode == "demo":
-            sandbox_port = int(env.get("SANDBOX_PORT", "8090"))
-            sandbox_url = f"http://127.0.0.1:{sandbox_port}"
-            env["B24_OAUTH_SERVERS"] = f"{sandbox_url}/"
-            env["B24_ALLOW_HTTP"] = "1"
-            env["SANDBOX_APP_URL"] = env["B24_APP_BASE_URL"]
-            env["SANDBOX_PORT"] = str(sandbox_port)
-            env.setdefault("B24_CLIENT_ID", "local.sandbox0000000001")
-            env.setdefault("B24_CLIENT_SECRET", "sandbox-client-secret")
-            sup.start("sandbox", [python, "-m", "sandbox"], env)
-
-        subprocess.run(
-            [python, "manage.py", "migrate", "--noinput"],
-            env=env,
-            cwd=BASE_DIR,  # noqa: S603
-            check=True,
-        )
-        if env.get("DEBUG", "").lower() not in ("1", "true", "yes", "on"):
-            subprocess.run(
-                [python, "manage.py", "collectstatic", "--noinput", "-v0"],  # noqa: S603
-                env=env,
-                cwd=BASE_DIR,
-                check=True,
-            )
-
-        sup.start(
-            "web",
-            [
-                f"{bindir}/gunicorn",
-                "b24app.wsgi",
-                "--bind",
-                f"{host}:{port}",
-                "--workers",
-                "2",
-                "--threads",
-                "4",
-                "--access-logfile",
-                "-",
-                "--graceful-timeout",
-                "5",
-            ],
-            env,
-        )
-        sup.start("worker", worker_command(), env)
-        if not _wait_for_port(port, 30):
-            print("[flowpins] the web server did not start", flush=True)
-            return 1
-        base = env["B24_APP_BASE_URL"]
-        print(
-            "\n[flowpins] running. Register the app in Bitrix24 (scopes: task, placement) with:\n"
-            f"  Application URL (handler):      {base}/b24/app/\n"
-            f"  Application installer URL:      {base}/b24/install/\n"
-            f"  Event handler URL:              {base}/b24/events/\n"
-            f"  Health:                         {base}/healthz\n",
-            flush=True,
-        )
-        if args.mode == "demo":
-            print(
-                f"[flowpins] sandbox portal: {sandbox_url}/p/alpha/  (install the app there first,"
-                " then open it as any user)\n",
-                flush=True,
-            )
-        print("[flowpins] Ctrl-C stops everything.", flush=True)
-        return sup.wait()
+        code = _serve(sup, args.mode, env, var_dir)
+        return code or _watch(sup, stopping)
     finally:
-        sup.stop_all()
+        sup.stop_all(
+            10,
+            on_kill=lambda name: print(
+                f"[flowpins] {name} did not stop in time; killing it", flush=True
+            ),
+        )
 
 
 if __name__ == "__main__":
