@@ -1,6 +1,7 @@
 # One image, two roles: the web server (default command) or the Celery worker
 # (`celery -A b24app worker ...`, see compose.yaml). No secret is baked in: every
-# setting comes from the environment at run time.
+# setting comes from the environment at run time. The app only: the simulated portal
+# (sandbox/), the dev tooling (devtools/), the benchmarks and the tests stay out.
 
 FROM python:3.11-slim AS build
 WORKDIR /app
@@ -8,7 +9,6 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY pyproject.toml constraints.txt ./
 COPY b24app ./b24app
 COPY flows ./flows
-COPY sandbox ./sandbox
 RUN python -m venv /venv \
     && /venv/bin/pip install -c constraints.txt .
 
@@ -25,7 +25,6 @@ COPY --from=build /venv /venv
 COPY manage.py ./
 COPY b24app ./b24app
 COPY flows ./flows
-COPY sandbox ./sandbox
 COPY templates ./templates
 COPY locale ./locale
 # collectstatic needs settings but no real secret: random throwaway values, generated for this

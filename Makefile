@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(VENV)/.runtime: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e .
+	$(PIP) -e '.[dev]'
 	@touch $@
 
 $(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
@@ -22,11 +22,11 @@ install-test: $(VENV)/.test
 
 ## run: the web server and a Celery worker (plus a private Redis when REDIS_URL is unset)
 run: $(VENV)/.runtime
-	$(BIN)/python -m b24app.devrun run
+	$(BIN)/python -m devtools run
 
 ## demo: `run` plus the simulated Bitrix24 portal
 demo: $(VENV)/.runtime
-	$(BIN)/python -m b24app.devrun demo
+	$(BIN)/python -m devtools demo
 
 ## sandbox: the simulated Bitrix24 portal alone
 sandbox: $(VENV)/.runtime
@@ -39,7 +39,7 @@ test: $(VENV)/.test
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	DEBUG=1 $(BIN)/mypy b24app flows sandbox
+	DEBUG=1 $(BIN)/mypy b24app flows sandbox devtools
 	$(BIN)/hadolint Dockerfile
 
 fmt: $(VENV)/.test
@@ -53,7 +53,7 @@ bench: $(VENV)/.test
 ## messages: refresh the Russian catalog after changing texts, then compile it (needs gettext)
 messages: $(VENV)/.runtime
 	DEBUG=1 $(BIN)/python manage.py makemessages -l ru --ignore=.venv --ignore=sandbox \
-		--ignore=tests --ignore=bench
+		--ignore=tests --ignore=bench --ignore=devtools
 	msgfmt --check -o locale/ru/LC_MESSAGES/django.mo locale/ru/LC_MESSAGES/django.po
 
 clean:

@@ -30,7 +30,9 @@ from urllib.parse import urlencode, urlsplit
 
 import requests
 
-from bench.__main__ import closed_loop, page_and_bare, pct, setup_django
+from bench.page import closed_loop, page_and_bare
+from bench.portal import setup_django
+from bench.report import pct
 from bench.stack import Stack
 
 TICK = os.sysconf("SC_CLK_TCK")

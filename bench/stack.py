@@ -7,7 +7,6 @@ import base64
 import os
 import re
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -16,23 +15,12 @@ from typing import Any
 
 import requests
 
-from b24app.procs import free_port, worker_command
+from devtools.procs import free_port, worker_command
+from devtools.supervisor import Process, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "local.sandbox0000000001"
 CLIENT_SECRET = "sandbox-client-secret"
-
-
-def wait_http(url: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=1).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def fresh_database(url: str) -> None:
@@ -53,7 +41,6 @@ class Stack:
         self.portals = portals
         self.workers = workers
         self.tmp = tmp
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.sandbox_url = f"http://127.0.0.1:{free_port()}"
         self.web_port = free_port()
         self.web_url = f"http://127.0.0.1:{self.web_port}"
@@ -79,20 +66,15 @@ class Stack:
             REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/2"),
             PYTHONPATH=str(ROOT),
         )
+        self.supervisor = Supervisor(env=self.env, cwd=ROOT, log_dir=tmp)
 
     # -- processes ---------------------------------------------------------------------------
-    def _start(self, name: str, cmd: list[str], **env: str) -> subprocess.Popen[bytes]:
-        log = (self.tmp / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            env={**self.env, **env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs[name] = proc
-        return proc
+    @property
+    def procs(self) -> dict[str, Process]:
+        return self.supervisor.procs
+
+    def _start(self, name: str, cmd: list[str], **env: str) -> Process:
+        return self.supervisor.start(name, cmd, env)
 
     def log(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")
@@ -144,8 +126,8 @@ class Stack:
         )
         for n in range(self.workers):  # separate worker processes, each with its thread pool
             self.start_worker(f"worker{n + 1}", 8)
-        wait_http(f"{self.sandbox_url}/_sandbox/state")
-        wait_http(f"{self.web_url}/ping")
+        self.procs["sandbox"].wait_for_http(f"{self.sandbox_url}/_sandbox/state")
+        self.procs["web"].wait_for_http(f"{self.web_url}/ping")
         for n in range(self.workers):
             self.wait_worker(f"worker{n + 1}")
 
@@ -157,56 +139,28 @@ class Stack:
         self._start(name, cmd)
 
     def wait_worker(self, name: str, seconds: float = 40) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if "ready." in self.log(name):
-                return
-            if self.procs[name].poll() is not None:
-                raise RuntimeError(self.log(name)[-2000:])
-            time.sleep(0.2)
-        raise RuntimeError(f"{name} did not get ready")
+        self.procs[name].wait_for_log("ready.", seconds)
 
     def pause_workers(self) -> None:
         """Stop the Celery workers where they stand (SIGSTOP); their queue waits for them."""
         for name, proc in self.procs.items():
-            if name.startswith("worker") and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGSTOP)
+            if name.startswith("worker"):
+                proc.pause()
 
     def resume_workers(self) -> None:
         for name, proc in self.procs.items():
-            if name.startswith("worker") and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGCONT)
+            if name.startswith("worker"):
+                proc.resume()
 
     def stop_proc(self, name: str) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self.supervisor.stop(name, seconds=20)
 
     def stop(self) -> None:
-        for name in list(self.procs):
-            self.stop_proc(name)
+        self.supervisor.stop_all(20)
 
     def peak_rss_mb(self, name: str) -> float:
         """Peak resident memory (VmHWM) of the largest process in that process group."""
-        proc = self.procs[name]
-        pids = subprocess.run(
-            ["pgrep", "-g", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()
-        peaks = []
-        for pid in pids:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            match = re.search(r"VmHWM:\s+(\d+) kB", status)
-            if match:
-                peaks.append(int(match.group(1)) / 1024)
-        return max(peaks) if peaks else 0.0
+        return self.procs[name].peak_rss_mb()
 
     # -- the sandbox and the app -------------------------------------------------------------
     def sb(self, path: str, payload: dict[str, Any] | None = None) -> Any:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +17,8 @@ import pytest
 import redis as redis_lib
 from django.conf import settings
 
-from b24app.procs import worker_command
+from devtools.procs import worker_command
+from devtools.supervisor import Process, start
 from tests.helpers import WORKER, settle_background_work
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,17 +105,6 @@ def sandbox(sandbox_server: Any, settings: Any) -> Iterator[Any]:
 # --- a real Celery worker ---------------------------------------------------------------------
 
 
-def _wait_for_worker(proc: subprocess.Popen[bytes], log: Path, seconds: float = 40) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"celery worker exited early:\n{log.read_text()[-3000:]}")
-        if "ready." in log.read_text():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"celery worker did not get ready:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="session")
 def worker_env(django_db_setup: Any, sandbox_server: Any) -> dict[str, str]:
     """The environment a separate worker or web process needs to share this test run's state."""
@@ -139,30 +126,17 @@ def worker_env(django_db_setup: Any, sandbox_server: Any) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def celery_worker_process(
     worker_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[subprocess.Popen[bytes]]:
+) -> Iterator[Process]:
+    """The session's worker; tests/faults pause it (WORKER["proc"]) while a private stack runs."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            worker_command(concurrency=4, quiet=True),
-            env=worker_env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    proc.log_path = log  # type: ignore[attr-defined]
+    cmd = worker_command(concurrency=4, quiet=True)
+    proc = start("celery worker", cmd, env=worker_env, log=log)
     try:
-        _wait_for_worker(proc, log)
+        proc.wait_for_log("ready.", 40)
         WORKER["running"] = True  # from now on a worker, not the test, runs queued jobs
         WORKER["proc"] = proc
         yield proc
     finally:
         WORKER["running"] = False
         WORKER["proc"] = None
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        proc.stop(seconds=15)

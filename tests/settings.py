@@ -7,10 +7,7 @@ needs nothing installed; PostgreSQL is used when DATABASE_URL points at it (CI a
 import atexit
 import os
 import secrets
-import socket
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("DEBUG", "0")
@@ -31,17 +28,14 @@ os.environ.setdefault("SECURE_SSL_REDIRECT", "0")
 
 
 def _private_redis() -> str:
-    from b24app.procs import free_port, redis_command
+    from devtools.procs import free_port, redis_command
+    from devtools.supervisor import start
 
     port = free_port()
     workdir = Path(tempfile.mkdtemp(prefix="flowpins-redis-"))
-    proc = subprocess.Popen(redis_command(port, workdir), stdout=subprocess.DEVNULL)
-    atexit.register(proc.terminate)
-    for _ in range(100):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
+    proc = start("private redis", redis_command(port, workdir), quiet=True)
+    atexit.register(proc.stop)
+    proc.wait_for_port(port, 5)
     return f"redis://127.0.0.1:{port}/0"
 
 

@@ -73,7 +73,7 @@ def test_make_run_launcher_serves_with_a_live_worker_and_stops_everything(tmp_pa
     log_path = tmp_path / "run.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "b24app.devrun", "run"],
+            [sys.executable, "-m", "devtools", "run"],
             cwd=ROOT,
             env=env,
             stdout=log,

@@ -26,7 +26,7 @@ from django.views.debug import ExceptionReporter, SafeExceptionReporterFilter
 
 from b24app import eventauth, frame
 from b24app.logging import RedactSecretsFilter
-from b24app.procs import free_port
+from devtools.procs import free_port
 from tests.b24app.test_foundation import _production_env
 
 ROOT = Path(__file__).resolve().parents[2]

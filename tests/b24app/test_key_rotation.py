@@ -26,7 +26,7 @@ from django.utils import timezone
 from b24app import crypto, tokens
 from b24app.bitrix import oauth
 from b24app.models import Portal, PortalUser
-from b24app.procs import free_port, worker_command
+from devtools.procs import free_port, worker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 OLD = Fernet.generate_key().decode()

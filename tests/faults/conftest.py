@@ -6,16 +6,15 @@ kills a worker or restarts the broker must not touch either.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.faults.stack import RedisServer, start_web, start_worker, stop
+from devtools.supervisor import Process
+from tests.faults.stack import RedisServer, start_web, start_worker
 from tests.helpers import WORKER, settle_background_work
 
 
@@ -26,13 +25,13 @@ class PrivateStack:
     web_url: str
     web_log: Path
     log_dir: Path
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[Process] = field(default_factory=list)
 
     @property
     def worker_log(self) -> Path:
         return self.log_dir / "worker.log"
 
-    def worker(self, **env: str) -> subprocess.Popen[bytes]:
+    def worker(self, **env: str) -> Process:
         """Start a worker on the private broker (same node name each time, like a restart)."""
         proc = start_worker({**self.env, **env}, self.worker_log, name="faults@%h")
         self.workers.append(proc)
@@ -61,7 +60,7 @@ def _private_web(
     log = tmp_path_factory.mktemp("web") / "web.log"
     proc, base = start_web(env, log)
     yield env, base, log
-    stop(proc)
+    proc.stop()
 
 
 @pytest.fixture
@@ -85,13 +84,13 @@ def private_stack(
     shared = WORKER["proc"] if WORKER["running"] else None
     if shared is not None:
         settle_background_work()  # not stopped in the middle of a job
-        os.killpg(shared.pid, signal.SIGSTOP)
+        shared.pause()
         WORKER["running"] = False
     try:
         yield stack
     finally:
         for proc in stack.workers:
-            stop(proc, signal.SIGTERM)
+            proc.stop(signal.SIGTERM)
         if shared is not None:
-            os.killpg(shared.pid, signal.SIGCONT)
+            shared.resume()
             WORKER["running"] = True

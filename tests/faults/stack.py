@@ -8,9 +8,7 @@ processes pointed at it, so the session's worker never takes their tasks.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -20,9 +18,8 @@ from typing import Any
 import redis as redis_lib
 import requests
 
-from b24app.procs import free_port, redis_command, worker_command
-
-ROOT = Path(__file__).resolve().parents[2]
+from devtools.procs import free_port, redis_command, worker_command
+from devtools.supervisor import Process, start
 
 
 def wait_until(predicate: Callable[[], Any], seconds: float, what: str, step: float = 0.1) -> Any:
@@ -37,42 +34,22 @@ def wait_until(predicate: Callable[[], Any], seconds: float, what: str, step: fl
         time.sleep(step)
 
 
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, seconds: float = 15) -> None:
-    """Signal the process's whole group (it was started in a new session) and reap it."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 class RedisServer:
     """A private redis-server that a test may kill and start again on the same port."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
         self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: Process | None = None
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            redis_command(self.port, self.workdir),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        self.proc = start("private redis", redis_command(self.port, self.workdir), quiet=True)
         client = redis_lib.Redis.from_url(self.url(), socket_connect_timeout=0.5)
         try:
-            wait_until(lambda: self._pings(client), 10, "the private redis-server")
+            self.proc.wait_for(lambda: self._pings(client), 10, "the private redis-server", 0.1)
         finally:
             client.close()
 
@@ -86,7 +63,7 @@ class RedisServer:
     def kill(self) -> None:
         """A crash: SIGKILL, everything in memory is gone (no persistence)."""
         if self.proc is not None:
-            stop(self.proc, signal.SIGKILL)
+            self.proc.stop(signal.SIGKILL)
             self.proc = None
 
     def flush(self) -> None:
@@ -97,69 +74,45 @@ class RedisServer:
             client.close()
 
 
-def start_web(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_web(env: dict[str, str], log: Path) -> tuple[Process, str]:
     """gunicorn serving the app on a free port, with an access log; returns (process, base URL)."""
     port = free_port()
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "b24app.wsgi",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--workers",
-                "1",
-                "--threads",
-                "8",
-                "--timeout",
-                "60",
-                "--access-logfile",
-                "-",
-                "--error-logfile",
-                "-",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "b24app.wsgi",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--workers",
+        "1",
+        "--threads",
+        "8",
+        "--timeout",
+        "60",
+        "--access-logfile",
+        "-",
+        "--error-logfile",
+        "-",
+    ]
+    proc = start("gunicorn", cmd, env=env, log=log)
     base = f"http://127.0.0.1:{port}"
-
-    def answers() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited early:\n{log.read_text()[-3000:]}")
-        try:
-            return requests.get(f"{base}/ping", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_until(answers, 30, "gunicorn to answer /ping", step=0.2)
+    proc.wait_for(lambda: _pong(f"{base}/ping"), 30, "gunicorn to answer /ping")
     return proc, base
+
+
+def _pong(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=1).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def start_worker(
     env: dict[str, str], log: Path, *, name: str = "faults@%h", concurrency: int = 2
-) -> subprocess.Popen[bytes]:
+) -> Process:
     """A Celery worker like the deployed one; returns once it logged `ready.`."""
-    offset = log.stat().st_size if log.exists() else 0
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            worker_command(concurrency=concurrency, hostname=name, quiet=True),
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def ready() -> bool:
-        text = log.read_bytes()[offset:].decode(errors="replace")
-        if proc.poll() is not None:
-            raise AssertionError(f"celery worker exited early:\n{text[-3000:]}")
-        return "ready." in text
-
-    wait_until(ready, 40, "the celery worker to be ready", step=0.2)
+    cmd = worker_command(concurrency=concurrency, hostname=name, quiet=True)
+    proc = start("celery worker", cmd, env=env, log=log)
+    proc.wait_for_log("ready.", 40)
     return proc

@@ -15,7 +15,7 @@ from b24app.models import RestCall
 from flows.models import PinIntent
 from tests.faults.conftest import PrivateStack
 from tests.faults.drive import assert_all_done_and_true, click_http, desired_pins, wait_settled
-from tests.faults.stack import stop, wait_until
+from tests.faults.stack import wait_until
 from tests.helpers import install, launch, open_app, portal_pins, sb, state, visible_to
 
 pytestmark = [pytest.mark.services, pytest.mark.django_db(transaction=True)]
@@ -41,7 +41,7 @@ def test_a_worker_killed_mid_run_loses_nothing_and_doubles_nothing(
     assert click_http(base, tokens[3], f3, True).status_code == 202
     wait_until(lambda: counters(sandbox)["pin_toggles"] >= 1, 20, "the first toggle")
     time.sleep(0.6)  # the next round's request is on its way to the portal
-    stop(worker, signal.SIGKILL)  # the whole process group: main process and pool children
+    worker.stop(signal.SIGKILL)  # the whole process group: main process and pool children
     assert PinIntent.objects.filter(status=PinIntent.Status.PENDING).exists(), (
         "the kill came too late to prove anything"
     )
