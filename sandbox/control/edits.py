@@ -77,11 +77,6 @@ def generate_flows(
     count = int_param(params, "count", 100)
     if not 0 <= count <= 20000:
         raise ControlError(400, "count must be within 0..20000")
-    if bool_param(params, "replace"):
-        portal.flows = {}
-        portal.tasks = {t.id: t for t in portal.tasks.values() if t.flow_id == 0}
-        for pins in portal.pins.values():
-            pins.clear()
     visible_to_all = bool_param(params, "visible_to_all")
     access = params.get("access")
     if access is not None and (
@@ -91,6 +86,12 @@ def generate_flows(
     tasks_per_flow = int_param(params, "tasks_per_flow", 0)
     prefix = str(params.get("name_prefix") or "Сгенерированный поток")
     active = bool_param(params, "active", True)
+    # Every parameter is checked before anything is cleared: a refused request changes nothing.
+    if bool_param(params, "replace"):
+        portal.flows = {}
+        portal.tasks = {t.id: t for t in portal.tasks.values() if t.flow_id == 0}
+        for pins in portal.pins.values():
+            pins.clear()
     first = portal.next_flow_id()
     rng = random.Random(f"{portal.seed_name}:{first}:{count}")  # noqa: S311 - test data
     created: list[int] = []

@@ -242,6 +242,20 @@ def test_flow_control_creates_renames_restricts_and_deletes_one_flow(sb: Sandbox
     assert gone.status_code == 404
 
 
+def test_a_refused_generate_with_replace_changes_nothing(sb: SandboxClient) -> None:
+    sb.control("p/alpha/pins", {"user_id": 2, "flow_ids": [101], "pinned": True})
+    before = sb.state()
+    for bad in ({"access": "UA"}, {"tasks_per_flow": "many"}):
+        answer = requests.post(
+            f"{sb.url}/_sandbox/p/alpha/flows",
+            json={"count": 3, "replace": True, **bad},
+            timeout=10,
+        )
+        assert answer.status_code == 400
+    after = sb.state()
+    assert (after["flows"], after["pins"]) == (before["flows"], before["pins"])
+
+
 def test_seed_data_shape(sb: SandboxClient) -> None:
     alpha, beta = sb.state("alpha"), sb.state("beta")
     assert alpha["member_id"] != beta["member_id"] and len(alpha["member_id"]) == 32
