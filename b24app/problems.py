@@ -26,6 +26,8 @@ class Problem(models.TextChoices):
     NOT_VISIBLE = "not_visible", "no such flow, or the user cannot see it"
     QUEUE_DOWN = "queue_down", "the pin queue is not reachable"
     APP_UNAVAILABLE = "app_unavailable", "Redis is not answering"
+    TOO_MANY_PENDING = "too_many_pending", "the user has too many pins waiting"
+    NOT_SAVED = "not_saved", "a click was not recorded"
 
 
 def words(problem: str) -> str:
@@ -50,6 +52,10 @@ def words(problem: str) -> str:
             "applied when it is back."
         ),
         Problem.APP_UNAVAILABLE: _("The app is briefly unavailable; try again in a minute."),
+        Problem.TOO_MANY_PENDING: _(
+            "Too many of your pins are still waiting; try again when they are done."
+        ),
+        Problem.NOT_SAVED: _("Your click was not saved; please try again."),
     }
     return texts.get(problem, "")
 

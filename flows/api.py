@@ -14,7 +14,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from b24app.bitrix.errors import AccessDenied, BitrixError, TransientError
 from b24app.models import Portal, PortalUser
-from b24app.problems import Problem, words
+from b24app.problems import Problem, Refused, words
 from flows import intents, listing, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, PageClaims, api, api_claims, json_body, page_auth
 from flows.listing import REFRESH_SKIP_SECONDS
@@ -36,21 +36,14 @@ def pin(request: HttpRequest, claims: PageClaims) -> HttpResponse:
     raw_ids = body.get("flow_ids", [body.get("flow_id")])
     desired = body.get("pinned")
     if not isinstance(desired, bool):
-        return JsonResponse({"error": _("Say whether the flow should be pinned.")}, status=400)
+        raise Refused(400, _("Say whether the flow should be pinned."))
     if not isinstance(raw_ids, list) or not raw_ids or len(raw_ids) > MAX_FLOWS_PER_REQUEST:
-        return JsonResponse({"error": _("Name the flows to pin.")}, status=400)
-    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids):
-        return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
-    flow_ids = list(dict.fromkeys(raw_ids))
+        raise Refused(400, _("Name the flows to pin."))
+    flow_ids = _flow_ids(raw_ids)
     portal_id, user_id = claims.portal_id, claims.user_id
-    try:
-        if len(flow_ids) > 1:  # a single click cannot push the count far (and is the hot path)
-            intents.check_pending_room(portal_id, user_id, len(flow_ids))
-    except intents.TooMuchPending:
-        return JsonResponse(
-            {"error": _("Too many of your pins are still waiting; try again when they are done.")},
-            status=429,
-        )
+    if len(flow_ids) > 1:  # a single click cannot push the count far (and is the hot path)
+        if intents.pending_room(portal_id, user_id) < len(flow_ids):
+            raise Refused(429, words(Problem.TOO_MANY_PENDING))
     try:
         recorded = intents.set_desired(portal_id, user_id, flow_ids, desired, known_only=True)
     except intents.NotRecorded:
@@ -85,7 +78,14 @@ def _not_recorded(request: HttpRequest, portal_id: int, flow_ids: list[int]) -> 
             status=400,
         )
     # Every check passes now: the portal learnt the flows, or the user opened the app, meanwhile.
-    return JsonResponse({"error": _("Your click was not saved; please try again.")}, status=409)
+    raise Refused(409, words(Problem.NOT_SAVED))
+
+
+def _flow_ids(raw_ids: list[Any]) -> list[int]:
+    """The flow ids a request names, each once; refused unless every one is a flow id."""
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids):
+        raise Refused(400, _("Flow ids are positive whole numbers."))
+    return list(dict.fromkeys(raw_ids))
 
 
 @require_http_methods(["GET", "POST"])
@@ -99,24 +99,15 @@ def status(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpRespon
     if request.method == "POST":
         raw_ids = json_body(request).get("flow_ids")
         if not isinstance(raw_ids, list) or len(raw_ids) > MAX_FLOWS_PER_REQUEST:
-            return JsonResponse(
-                {
-                    "error": ngettext(
-                        "Name at most %(count)d flow a request.",
-                        "Name at most %(count)d flows a request.",
-                        MAX_FLOWS_PER_REQUEST,
-                    )
-                    % {"count": MAX_FLOWS_PER_REQUEST}
-                },
-                status=400,
+            limit = ngettext(
+                "Name at most %(count)d flow a request.",
+                "Name at most %(count)d flows a request.",
+                MAX_FLOWS_PER_REQUEST,
             )
-        if not all(
-            isinstance(i, int) and not isinstance(i, bool) and 0 < i < 2**31 for i in raw_ids
-        ):
-            return JsonResponse({"error": _("Flow ids are positive whole numbers.")}, status=400)
-        if not raw_ids:
+            raise Refused(400, limit % {"count": MAX_FLOWS_PER_REQUEST})
+        ids = _flow_ids(raw_ids)
+        if not ids:
             return JsonResponse({"intents": []})
-        ids = list(dict.fromkeys(raw_ids))
     else:
         ids = [int(x) for x in request.GET.get("ids", "").split(",")[:1000] if _ID.match(x)]
     qs = PinIntent.objects.filter(portal=portal, user_id=user.user_id)
@@ -197,7 +188,7 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
     text = str(json_body(request).get("flow", ""))[:500]
     match = _FLOW_ID_IN_TEXT.search(text)
     if not match or int(match.group(1)) <= 0:
-        return JsonResponse({"error": _("Paste a flow id or a link to the flow.")}, status=400)
+        raise Refused(400, _("Paste a flow id or a link to the flow."))
     flow_id = int(match.group(1))
     try:
         row = listing.add_by_id(portal, user, flow_id, deadline=True)

@@ -30,10 +30,6 @@ class NotRecorded(Exception):
     or the user never opened the app. The caller finds out which (the rare, slow path)."""
 
 
-class TooMuchPending(Exception):
-    """The user already has MAX_PENDING_PER_USER pins waiting."""
-
-
 def _portal_id(portal: Portal | int) -> int:
     return portal if isinstance(portal, int) else portal.pk
 
@@ -130,10 +126,9 @@ def _pending(portal_id: int, user_id: int) -> Any:
     )
 
 
-def check_pending_room(portal: Portal | int, user_id: int, adding: int) -> None:
-    pending = _pending(_portal_id(portal), user_id).count()
-    if pending + adding > MAX_PENDING_PER_USER:
-        raise TooMuchPending(pending)
+def pending_room(portal: Portal | int, user_id: int) -> int:
+    """How many more of this user's pins may wait (MAX_PENDING_PER_USER at most)."""
+    return MAX_PENDING_PER_USER - int(_pending(_portal_id(portal), user_id).count())
 
 
 def has_pending(portal_id: int, user_id: int) -> bool:
