@@ -1,6 +1,6 @@
 """Verification of the install and app POSTs Bitrix24 sends to the iframe, and what every
-check of a portal's request shares: Refused, the OAuth server's word on a token, the admin
-question. Nothing here writes (beyond the REST call log of the one `user.admin` question).
+check of a portal's request shares: the OAuth server's word on a token, the admin question.
+Nothing here writes (beyond the REST call log of the one `user.admin` question).
 
 `SERVER_ENDPOINT` must be allow-listed; the OAuth server's `app.info` vouches for `AUTH_ID` (our
 client_id, the member_id); the portal's domain, REST endpoint and the user come from that

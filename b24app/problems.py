@@ -2,7 +2,7 @@
 
 A problem code is what the app stores (a pin intent's `problem`), sends to the page (which
 shows the words it was given, or picks a notice by code) and logs. Typed errors carry one:
-`problem_of` finds it for any exception. Requests refused at the door raise `Refused`.
+`exc.problem` is the one to show. Requests refused at the door raise `Refused`.
 """
 
 from __future__ import annotations
@@ -70,9 +70,3 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-def problem_of(exc: BaseException) -> Problem:
-    """The problem a failure shows as: its own when it carries one, else INTERNAL."""
-    problem = getattr(exc, "problem", None)
-    return Problem(problem) if problem in Problem.values else Problem.INTERNAL

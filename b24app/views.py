@@ -24,7 +24,12 @@ from redis.exceptions import RedisError
 
 from b24app import eventauth, frame, lifecycle, placements, portal_client, tasks, tokens
 from b24app.bitrix import oauth
-from b24app.bitrix.errors import BitrixError, TransientError
+from b24app.bitrix.errors import (
+    BitrixError,
+    ReinstallRequired,
+    ReopenRequired,
+    TransientError,
+)
 from b24app.models import Portal, PortalUser
 from b24app.placements import FrameRequest
 from b24app.problems import Problem, Refused, words
@@ -140,7 +145,9 @@ def install(request: HttpRequest) -> HttpResponse:
         context["detail"] = exc.code
     except BitrixError as exc:
         context["problem"] = "failed"
-        context["detail"] = exc.code
+        # Why, for the admin: our own reason for a reopen/reinstall, else Bitrix24's error code.
+        ours = isinstance(exc, ReopenRequired | ReinstallRequired)
+        context["detail"] = exc.description if ours else exc.code
     response = render(request, "b24app/install.html", context, status=200 if context["ok"] else 502)
     return framed(request, response, portal.origin)
 

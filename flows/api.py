@@ -116,6 +116,8 @@ def status(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpRespon
     return JsonResponse({"intents": [intent_json(i) for i in qs]})
 
 
+# Failures of an add that someone must act on; any other refusal reads as "cannot see it".
+_ASK_SOMEONE = {Problem.REOPEN, Problem.REINSTALL}
 _ID = re.compile(r"^[0-9]{1,10}$")  # ASCII only: "²".isdigit() is True, int("²") fails
 _FLOW_ID_IN_TEXT = re.compile(r"([0-9]{1,10})(?!.*[0-9])", re.DOTALL)
 
@@ -197,7 +199,8 @@ def add_flow(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResp
     except TransientError:  # slow, busy or rate-limited: a worker asks again without a deadline
         return _add_later(portal, user, flow_id)
     except BitrixError as exc:  # the user must reopen, the portal must reinstall, or a refusal
-        return JsonResponse({"error": words(exc.problem)}, status=409)
+        shown = exc.problem if exc.problem in _ASK_SOMEONE else Problem.NOT_VISIBLE
+        return JsonResponse({"error": words(shown)}, status=409)
     meta = snapshots.meta(portal, user.user_id)
     return JsonResponse(
         {

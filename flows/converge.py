@@ -41,7 +41,8 @@ QUEUED_TTL = 60
 # cannot read) a user's pending pins are marked failed instead of retried for ever.
 MAX_UNEXPECTED_FAILURES = 5
 OUTAGES, UNEXPECTED = "failures", "unexpected"  # the two failure counters a user keeps
-LOCK_LOST = "lock lost"
+LOCK_LOST = "lock lost"  # a FINAL outcome's reason: the marker is left to its TTL
+BUSY = "busy"  # a RETRY outcome's reason: another run holds the user's lock
 
 
 # --- one run per user in flight -------------------------------------------------------------
@@ -193,7 +194,7 @@ def converge_user(
                 batch.save()
     except Busy:
         # A duplicate run (after a restart or a sweep) holds the lock; come back shortly.
-        return Outcome.retry(random.uniform(0.2, 0.6), "busy", exact=True)
+        return Outcome.retry(random.uniform(0.2, 0.6), BUSY, exact=True)
     except LockLost:
         return Outcome.final(LOCK_LOST)
 

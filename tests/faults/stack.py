@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import redis as redis_lib
-import requests
 
 from devtools.procs import free_port, redis_command, worker_command
 from devtools.supervisor import Process, start
@@ -97,15 +96,8 @@ def start_web(env: dict[str, str], log: Path) -> tuple[Process, str]:
     ]
     proc = start("gunicorn", cmd, env=env, log=log)
     base = f"http://127.0.0.1:{port}"
-    proc.wait_for(lambda: _pong(f"{base}/ping"), 30, "gunicorn to answer /ping")
+    proc.wait_for_http(f"{base}/ping", 30)
     return proc, base
-
-
-def _pong(url: str) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
 
 
 def start_worker(

@@ -62,11 +62,11 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 def _name(outcome: Outcome) -> Any:
     """A run's end as the tests below compare it: its stats, or why it stopped."""
-    if outcome.reason == "busy":
+    if outcome.reason == converge.BUSY:
         return "Busy"
     if outcome.reason == converge.LOCK_LOST:
         return "LockLost"
-    return outcome.stats
+    return outcome.stats if outcome.kind is Kind.DONE else f"{outcome.kind.value}: {outcome}"
 
 
 def _converge_in_thread(portal_id: int, results: list[Any], ttl_ms: int) -> threading.Thread:
@@ -406,3 +406,28 @@ def test_outages_do_not_use_up_the_budget_for_unexpected_errors(
     given_up = converge.unexpected_failure(portal.pk, USER)  # the fifth unexpected one
     assert given_up.kind is Kind.FINAL
     assert PinIntent.objects.get().problem == Problem.INTERNAL
+
+
+@pytest.mark.parametrize(
+    ("who_must_act", "status", "words"),
+    [("user", 409, "reopen the app"), ("admin", 403, "not installed on this portal")],
+)
+def test_an_add_that_someone_must_act_on_says_who_and_adds_nothing(
+    sandbox: Any, opened: dict[str, Any], who_must_act: str, status: int, words: str
+) -> None:
+    from b24app import tokens
+    from b24app.models import PortalUser
+    from flows.models import Flow
+
+    portal = opened["portal"]
+    user = PortalUser.objects.get(portal=portal, user_id=USER)
+    known = set(Flow.objects.values_list("flow_id", flat=True))
+    hidden = sb(sandbox, "p/alpha/flow", {"name": "По ссылке", "access": ["U2"]})["created"]
+    if who_must_act == "user":
+        tokens.mark_user_needs_reopen(user.pk, "test: the session ended")
+    else:
+        tokens.mark_portal_needs_reinstall(portal.pk, "test: the app was removed")
+    answer = api(opened["client"], opened["token"], "POST", "/flows/api/add", {"flow": str(hidden)})
+    assert answer.status_code == status
+    assert words in answer.json()["error"]
+    assert set(Flow.objects.values_list("flow_id", flat=True)) == known
