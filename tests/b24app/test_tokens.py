@@ -18,7 +18,7 @@ from b24app import tokens
 from b24app.bitrix import errors, oauth
 from b24app.bitrix.errors import ReinstallRequired, ReopenRequired
 from b24app.models import Portal, PortalUser, RestCall
-from tests.helpers import install, launch, post_frame, sb, state
+from tests.helpers import install, launch, post_frame, sb, settle_background_work, state
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -88,6 +88,7 @@ def test_a_dead_refresh_token_asks_the_user_to_reopen_and_stops(sandbox: Any) ->
     assert user.state == PortalUser.State.NEEDS_REOPEN
     assert "invalid_grant" in user.state_reason
     assert user.access_token == "" and user.refresh_token == ""
+    settle_background_work()  # the list refresh the open queued may still be on its way
     calls = state(sandbox)["counters"]["requests"]
     with pytest.raises(ReopenRequired):  # no further REST or OAuth traffic
         _profile(user)
