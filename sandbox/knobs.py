@@ -38,6 +38,13 @@ class Knobs:
     scope: str = DEFAULT_SCOPE
     handler_url_check: bool = True
     malformed_answers: bool = False
+    # A batch's command at this position (0-based; -1: none) answers `batch_fail_code` instead
+    # of running; with halt, nothing after it runs either.
+    batch_fail_at: int = -1
+    batch_fail_code: str = "INTERNAL_SERVER_ERROR"
+    # The portal stops running a batch at this position (-1: never) and its answer is lost: the
+    # commands before it ran, the rest did not (a portal that died mid-request).
+    batch_cut_at: int = -1
     seed: int = 0
 
 
@@ -86,6 +93,8 @@ def coerce_knob(name: str, value: Any) -> Any:
         raise KnobError(f"knob {name!r} must be > 0")
     if name in ("latency_ms", "operating_cost", "operating_limit") and result < 0:
         raise KnobError(f"knob {name!r} must be >= 0")
+    if name in ("batch_fail_at", "batch_cut_at") and not -1 <= result < 50:
+        raise KnobError(f"knob {name!r} must be a batch position (0..49) or -1")
     if name == "pin_error_status" and not 200 <= result <= 599:
         raise KnobError("knob 'pin_error_status' must be an HTTP status (200..599)")
     return result

@@ -73,10 +73,15 @@ def batch(ctx: CallContext, params: dict[str, Any]) -> Any:
     try:
         for position, (key, command) in enumerate(_commands(p.get("CMD"))):
             error: RestError | None
+            if position == ctx.knobs.batch_cut_at:  # the portal died here: no answer at all
+                ctx.drop_response = True
+                break
             if position >= BATCH_MAX_LENGTH:
                 error = RestError(400, "ERROR_BATCH_LENGTH_EXCEEDED", "Max batch length exceeded")
             elif not isinstance(command, str):
                 continue
+            elif position == ctx.knobs.batch_fail_at:
+                error = RestError(500, ctx.knobs.batch_fail_code, "injected by batch_fail_at")
             else:
                 error = _run_command(ctx, key, command, tables)
             if error is not None:

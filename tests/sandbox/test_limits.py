@@ -155,3 +155,27 @@ def test_latency_and_portal_deleted(sb: SandboxClient) -> None:
     deleted = sb.call("profile", token)
     assert deleted.status_code == 500 and deleted.json()["error"] == "PORTAL_DELETED"
     assert sb.call("profile", sb.token("beta"), portal="beta").status_code == 200
+
+
+def test_a_batch_runs_in_order_and_a_chosen_command_fails_or_cuts_it(sb: SandboxClient) -> None:
+    """Toggle pairs: the second command of the flow-101 pair fails, then the portal dies at it."""
+    token = sb.token(user_id=2)
+    pairs = {"a": "tasks.flow.Flow.pin?flowId=101", "b": "tasks.flow.Flow.pin?flowId=101"}
+    pairs |= {"c": "tasks.flow.Flow.pin?flowId=103", "d": "tasks.flow.Flow.pin?flowId=103"}
+    both = sb.result("batch", token, halt=1, cmd=pairs)
+    assert list(both["result"]) == ["a", "b", "c", "d"]  # in order, each with its own answer
+    assert [both["result"][k] for k in "abcd"] == [True, False, True, False]
+    assert sb.state()["pins"]["2"] == []  # each pair flipped and flipped back
+
+    sb.config(portal="alpha", batch_fail_at=1, batch_fail_code="OPERATION_TIME_LIMIT")
+    failed = sb.result("batch", token, halt=1, cmd=pairs)
+    assert list(failed["result"]) == ["a"] and list(failed["result_error"]) == ["b"]
+    assert failed["result_error"]["b"]["error"] == "OPERATION_TIME_LIMIT"
+    assert sb.state()["pins"]["2"] == [101]  # left flipped; halt kept c and d from running
+    sb.result("tasks.flow.Flow.pin", token, flowId=101)  # put it back
+
+    sb.config(portal="alpha", batch_fail_at=-1, batch_cut_at=2)
+    with pytest.raises(requests.ConnectionError):
+        sb.call("batch", token, halt=1, cmd=pairs)
+    assert sb.state()["pins"]["2"] == []  # a and b ran (101 flipped back), c and d did not
+    assert sb.state()["counters"]["dropped_responses"] == 1
