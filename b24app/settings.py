@@ -163,8 +163,10 @@ B24_VERIFY_CACHE_SECONDS: int = env.int("B24_VERIFY_CACHE_SECONDS", default=300)
 # REST call metadata is kept at least 3 days (a Market rule); we keep 7 by default.
 B24_CALL_LOG_DAYS: int = env.int("B24_CALL_LOG_DAYS", default=7)
 
-# Settled pin intents (done or failed) are kept this many days; a pinned flow's row stays.
+# Settled pin intents (done or failed) are kept this many days; a known pin state stays.
 FLOWPINS_INTENT_DAYS: int = env.int("FLOWPINS_INTENT_DAYS", default=30)
+# Read each user's real pin states from Bitrix24 with toggle pairs (README, "The real pin state").
+FLOWPINS_READ_PINS: bool = env.bool("FLOWPINS_READ_PINS", default=True)
 # Celery workers lower their CPU priority by this much (nice; 0: leave it): where web and
 # workers share cores, a click is answered first and convergence takes what is left.
 FLOWPINS_WORKER_NICE: int = env.int("FLOWPINS_WORKER_NICE", default=10)

@@ -7,6 +7,7 @@ import logging
 import re
 from typing import Any
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
@@ -15,7 +16,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from b24app.bitrix.errors import AccessDenied, BitrixError, TransientError
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem, Refused, words
-from flows import intents, listing, snapshots, tasks
+from flows import intents, listing, pinread, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, PageClaims, api, api_claims, json_body, page_auth
 from flows.listing import REFRESH_SKIP_SECONDS
 from flows.models import PinIntent
@@ -151,7 +152,9 @@ def rows(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse
                 tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
             return JsonResponse({"loading": True, "problem": problem})
         meta = snapshots.SnapshotMeta(version=snap.version, fetched_at=snap.fetched_at)
-    refreshing = snapshots.refresh_in_flight(portal.pk, user.user_id)
+    refreshing = snapshots.refresh_in_flight(portal.pk, user.user_id) or pinread.in_flight(
+        portal.pk, user.user_id
+    )
     max_age = _seconds(request.GET.get("max_age"))
     if (
         max_age is not None
@@ -227,3 +230,21 @@ def _add_later(portal: Portal, user: PortalUser, flow_id: int) -> HttpResponse:
         },
         status=202,
     )
+
+
+@require_POST
+@api
+def check_pins(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse:
+    """Read the user's real pin states from Bitrix24 again ("Check pins in Bitrix24"): toggle
+    pairs in the user's next convergence run (`flows.pinread`)."""
+    if not settings.FLOWPINS_READ_PINS:
+        raise Refused(404, _("Reading pins from Bitrix24 is turned off on this server."))
+    if snapshots.meta(portal, user.user_id) is None:
+        raise Refused(409, _("Your flows are still loading; check again in a moment."))
+    pinread.request(portal.pk, user.user_id)
+    try:
+        tasks.enqueue_converge(portal.pk, user.user_id)
+    except Exception:
+        log.warning("could not queue a pin read for portal %s", portal.pk)
+        raise Refused(503, words(Problem.QUEUE_DOWN)) from None
+    return JsonResponse({"reading": True}, status=202)

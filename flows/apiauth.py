@@ -80,6 +80,7 @@ API_LIMITS: dict[str, tuple[float, int]] = {
     "status": (10.0, 30),
     "rows": (5.0, 20),
     "add_flow": (0.5, 5),
+    "check_pins": (0.1, 2),  # a read costs the portal one request per 25 flows
 }
 
 

@@ -9,11 +9,11 @@ class FlowsConfig(AppConfig):
     def ready(self) -> None:
         from b24app.placements import DEFAULT, Placement, register
         from flows import signals  # noqa: F401  (connects the uninstall receiver)
-        from flows.intents import PAGE_INTENTS
+        from flows.intents import PAGE_STATE
         from flows.page import app_view
 
         # The flows page is the app's own page and its left-menu item; a reopen reads the
-        # user's intents with the portal and the user (one query).
-        register(Placement(DEFAULT, app_view, also=PAGE_INTENTS))
+        # user's intents (and whether their pins were read) with the portal and the user.
+        register(Placement(DEFAULT, app_view, also=PAGE_STATE))
         title = {"en": "Flow Pins", "ru": "Закрепление потоков"}
-        register(Placement("LEFT_MENU", app_view, title=title, also=PAGE_INTENTS))
+        register(Placement("LEFT_MENU", app_view, title=title, also=PAGE_STATE))

@@ -21,7 +21,7 @@ from b24app.bitrix.client import BATCH_LIMIT
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
 from b24app.redisconn import redis_client
-from flows import intents
+from flows import intents, pinread
 from flows.lock import Busy, LockLost, UserLock
 from flows.models import PinIntent
 from flows.outcome import Kind, Outcome
@@ -63,10 +63,11 @@ def release_queued(portal_id: int, user_id: int) -> None:
 
 
 def finish_run(portal_id: int, user_id: int) -> bool:
-    """The run is over: drop the marker. True when pins are pending still — a click that
-    committed while the run was finishing saw it "in flight" and queued nothing."""
+    """The run is over: drop the marker. True when there is work still — a click that
+    committed, or a list that landed for a wanted read, while the run was finishing saw it
+    "in flight" and queued nothing."""
     release_queued(portal_id, user_id)
-    return intents.has_pending(portal_id, user_id)
+    return intents.has_pending(portal_id, user_id) or pinread.ready(portal_id, user_id)
 
 
 # --- backoff between runs -------------------------------------------------------------------
@@ -178,7 +179,7 @@ def converge_user(
     whatever still differs goes round again. The Outcome's delays here are the engine's own
     (`run` adds the backoff between runs).
     """
-    stats = {"rounds": 0, "toggles": 0, "done": 0, "failed": 0}
+    stats = {"rounds": 0, "toggles": 0, "done": 0, "failed": 0, "reads": 0}
     portal = Portal.objects.filter(pk=portal_id).first()
     user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
     if portal is None or user is None:
@@ -189,7 +190,7 @@ def converge_user(
             portal_id, user_id, holder, ttl_ms=lock_ttl_ms, keep_alive=keep_alive
         ) as lock:
             try:
-                return _rounds(portal, user, stats, lock, batch, max_rounds)
+                return _read_then_converge(portal, user, stats, lock, batch, max_rounds)
             finally:
                 batch.save()
     except Busy:
@@ -197,6 +198,26 @@ def converge_user(
         return Outcome.retry(random.uniform(0.2, 0.6), BUSY, exact=True)
     except LockLost:
         return Outcome.final(LOCK_LOST)
+
+
+def _read_then_converge(
+    portal: Portal,
+    user: PortalUser,
+    stats: dict[str, int],
+    lock: UserLock,
+    batch: BatchSize,
+    max_rounds: int,
+) -> Outcome:
+    """A read of the user's real pin states first, when one is asked for (`flows.pinread`);
+    then the pending pins — a click, or a flow a broken pair left flipped. A read that must
+    come back later does not hold those up."""
+    read = pinread.read_rounds(portal, user, stats, lock)
+    if read is not None and read.kind is Kind.FINAL:
+        return read
+    outcome = _rounds(portal, user, stats, lock, batch, max_rounds)
+    if outcome.kind is Kind.DONE and read is not None:
+        return read  # the pins are settled; come back for the rest of the read
+    return outcome
 
 
 def _settle_agreed(pending: list[PinIntent], stats: dict[str, int]) -> list[PinIntent]:

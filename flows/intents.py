@@ -18,7 +18,7 @@ from django.utils import timezone
 from b24app import stored
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
-from flows.models import Flow, PinIntent
+from flows.models import Flow, PinIntent, PinRead
 
 # At most this many of one user's intents wait at a time: far above any real portal's flows,
 # but a bound on what one user (or a replayed request) can make the workers do.
@@ -163,14 +163,15 @@ def cancel_portal_work(portal: Portal) -> int:
 
 
 def prune_settled(*, days: int | None = None) -> int:
-    """Delete settled intents older than the retention. A pinned flow's row stays: it is what
-    the page knows of that pin; an unpinned or unknown one tells nothing a missing row does not."""
+    """Delete settled intents older than the retention. A row that knows the pin state (done,
+    pinned or not) stays: it is what the page shows, and without it the flow would read as "not
+    read yet" again; a failed or unknown one tells nothing a missing row does not."""
     keep = days if days is not None else settings.FLOWPINS_INTENT_DAYS
     cutoff = timezone.now() - timedelta(days=keep)
     deleted, _ = (
         PinIntent.objects.exclude(status=PinIntent.Status.PENDING)
         .filter(updated_at__lt=cutoff)
-        .exclude(status=PinIntent.Status.DONE, observed=True)
+        .exclude(status=PinIntent.Status.DONE, observed__isnull=False)
         .delete()
     )
     return deleted
@@ -215,27 +216,34 @@ def by_flow(portal: Portal, user: PortalUser) -> dict[int, IntentState]:
         return {int(row[0]): _state(*row) for row in cursor.fetchall()}
 
 
-def by_flow_from_json(text: str) -> dict[int, IntentState]:
-    """The same, from the JSON text PAGE_INTENTS read with the portal and the user."""
-    return {int(row[0]): _state(*row) for row in json.loads(text)}
+def read_asked(portal: Portal, user: PortalUser) -> bool:
+    """Whether a read of this user's real pin states was ever asked for (`flows.pinread`)."""
+    return bool(PinRead.objects.filter(portal=portal, user_id=user.user_id).exists())
 
 
-def _json_expression(vendor: str) -> str:
-    """The user's intents as one JSON text, read with the portal and the user when the app is
-    opened (stored.AlsoRead): [[flow_id, desired, observed, status, problem], ...]."""
+def page_state_from_json(text: str) -> tuple[bool, dict[int, IntentState]]:
+    """What PAGE_STATE read with the portal and the user: whether a read of the user's pins was
+    ever asked for, and their intents by flow id."""
+    asked, rows = json.loads(text)
+    return bool(asked), {int(row[0]): _state(*row) for row in rows}
+
+
+def _page_state_expression(vendor: str) -> str:
+    """One JSON text read with the portal and the user when the app is opened (stored.AlsoRead):
+    [read asked for, [[flow_id, desired, observed, status, problem], ...]]."""
     qn = connection.ops.quote_name
     columns = ", ".join(f"i.{qn(c)}" for c in _PAGE_COLUMNS)
+    mine = f"i.{qn('portal_id')} = p.{qn('id')} AND i.{qn('user_id')} = u.{qn('user_id')}"
+    intents, reads = qn(PinIntent._meta.db_table), qn(PinRead._meta.db_table)
+    asked = f"EXISTS (SELECT 1 FROM {reads} i WHERE {mine})"  # noqa: S608  (our names only)
     if vendor == "postgresql":
-        found = f"COALESCE(json_agg(json_build_array({columns})), '[]'::json)::text"
-    elif vendor == "sqlite":
-        found = f"json_group_array(json_array({columns}))"
-    else:  # read on their own (by_flow)
-        return "NULL"
-    table = qn(PinIntent._meta.db_table)
-    return (
-        f"(SELECT {found} FROM {table} i "  # noqa: S608  (our names only)
-        f"WHERE i.{qn('portal_id')} = p.{qn('id')} AND i.{qn('user_id')} = u.{qn('user_id')})"
-    )
+        found = f"COALESCE(json_agg(json_build_array({columns})), '[]'::json)"
+        listed = f"(SELECT {found} FROM {intents} i WHERE {mine})"  # noqa: S608
+        return f"json_build_array({asked}, {listed})::text"
+    if vendor == "sqlite":
+        listed = f"(SELECT json_group_array(json_array({columns})) FROM {intents} i WHERE {mine})"  # noqa: S608
+        return f"json_array({asked}, json({listed}))"
+    return "NULL"  # read on their own (by_flow, read_asked)
 
 
-PAGE_INTENTS = stored.AlsoRead("intents", _json_expression)
+PAGE_STATE = stored.AlsoRead("page_state", _page_state_expression)

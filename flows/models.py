@@ -82,3 +82,24 @@ class PinIntent(models.Model):
     @property
     def converged(self) -> bool:
         return self.observed is not None and self.observed == self.desired
+
+
+class PinRead(models.Model):
+    """Whether a user's real pin states were read from Bitrix24, and whether a read is wanted.
+
+    A read (toggle pairs, `flows.pinread`) covers every flow of the user's list whose state was
+    last observed before `requested_at`; it runs inside the user's convergence run.
+    """
+
+    portal = models.ForeignKey(Portal, on_delete=models.CASCADE, related_name="pin_reads")
+    user_id = models.PositiveIntegerField()
+    requested_at = models.DateTimeField(null=True, blank=True)  # None: no read wanted
+    read_at = models.DateTimeField(null=True, blank=True)  # the last read that finished
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["portal", "user_id"], name="one_pin_read_per_user"),
+        ]
+
+    def __str__(self) -> str:
+        return f"user {self.user_id}: read {self.read_at}, wanted since {self.requested_at}"

@@ -26,7 +26,7 @@ from django.utils.translation import ngettext, trans_real
 from b24app.models import Portal, PortalUser
 from b24app.placements import FrameRequest
 from b24app.problems import Problem, words
-from flows import intents, snapshots, tasks
+from flows import intents, pinread, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, page_token
 from flows.listing import REFRESH_SKIP_SECONDS
 from flows.rows import json_for_script, sorted_rows
@@ -84,7 +84,14 @@ def _shell(loading: bool, problem: str) -> tuple[str, ...]:
     items name a slot). Per language, state and deployment; rendered anew under DEBUG, where
     templates change."""
     lang = translation.get_language() or "en"
-    key = (lang, str(loading), problem, settings.B24_JS_SDK_URL, get_script_prefix())
+    key = (
+        lang,
+        str(loading),
+        problem,
+        settings.B24_JS_SDK_URL,
+        get_script_prefix(),
+        str(settings.FLOWPINS_READ_PINS),
+    )
     if len(_SHELLS) > 64:  # a handful in practice: languages × states; never unbounded
         _SHELLS.clear()
     shell = _SHELLS.get(key)
@@ -96,6 +103,7 @@ def _shell(loading: bool, problem: str) -> tuple[str, ...]:
                 "problem": problem,
                 "bx24_js": settings.B24_JS_SDK_URL,
                 "messages_js": _page_messages(lang),
+                "read_pins": settings.FLOWPINS_READ_PINS,
                 "list_problems": [
                     (code, tone, words(code)) for code, tone in LIST_PROBLEMS.items()
                 ],
@@ -129,6 +137,8 @@ def _page_messages(lang: str) -> dict[str, str]:
         "active": _("active"),
         "inactive": _("inactive"),
         "pinning_progress": _("Pinning %(done)s of %(total)s…"),
+        "not_read": _("state not read yet"),
+        "checking": _("Checking your pins in Bitrix24…"),
         "unpinning_progress": _("Unpinning %(done)s of %(total)s…"),
     }
 
@@ -148,7 +158,7 @@ def _page_plurals(lang: str) -> dict[str, Any]:
 
 
 def app_page(
-    request: HttpRequest, *, portal: Portal, user: PortalUser, intents_json: str | None = None
+    request: HttpRequest, *, portal: Portal, user: PortalUser, state_json: str | None = None
 ) -> HttpResponse:
     """Render the user's flows at once from the latest snapshot; never wait on the portal here.
 
@@ -158,8 +168,9 @@ def app_page(
 
     What does not depend on the request is kept: the page's HTML per language and state (the
     shell), and the sorted rows per snapshot version; a render reads the snapshot's version,
-    the user's intents, and fills in the user's values. `intents_json`: the user's intents as
-    read with the portal and the user (intents.PAGE_INTENTS), when they were.
+    the user's intents, and fills in the user's values. `state_json`: the user's intents (and
+    whether their pins were ever read) as read with the portal and the user
+    (intents.PAGE_STATE), when they were.
     """
     status = snapshots.status(portal, user.user_id)
     rows = sorted_rows(portal, user.user_id, status.meta) if status.exists else None
@@ -169,10 +180,12 @@ def app_page(
             tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
         except Exception:  # the broker is down: what there is is still worth showing
             log.warning("could not queue a snapshot refresh")
-    if intents_json is not None:
-        by_flow = intents.by_flow_from_json(intents_json)
+    if state_json is not None:
+        asked, by_flow = intents.page_state_from_json(state_json)
     else:
-        by_flow = intents.by_flow(portal, user)
+        asked, by_flow = intents.read_asked(portal, user), intents.by_flow(portal, user)
+    if not asked:
+        _first_read(portal.pk, user.user_id)
     lang = translation.get_language() or "en"
     problem = status.problem if loading and status.problem in LIST_PROBLEMS else ""
     page_js = {
@@ -195,8 +208,18 @@ def app_page(
     return HttpResponse(html, content_type="text/html; charset=utf-8")
 
 
+def _first_read(portal_id: int, user_id: int) -> None:
+    """The user's first open: read their real pin states (toggle pairs, `flows.pinread`) in
+    their next convergence run, which starts once their list is there."""
+    try:
+        if pinread.request(portal_id, user_id, first_only=True):
+            tasks.enqueue_converge(portal_id, user_id)
+    except Exception:  # the broker is down: the sweep starts the run once it is back
+        log.warning("could not queue the first read of a user's pins")
+
+
 def app_view(request: FrameRequest) -> HttpResponse:
     """The flows page as a placement's view (registered in `flows.apps`)."""
-    also = request.frame.also  # the intents, read with the portal and the user (PAGE_INTENTS)
-    intents_json = also if isinstance(also, str) else None  # None: a user never seen before
-    return app_page(request, portal=request.portal, user=request.b24user, intents_json=intents_json)
+    also = request.frame.also  # read with the portal and the user (intents.PAGE_STATE)
+    state_json = also if isinstance(also, str) else None  # None: a user never seen before
+    return app_page(request, portal=request.portal, user=request.b24user, state_json=state_json)

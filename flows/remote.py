@@ -114,7 +114,7 @@ def flow_get_many(
 
 def pin_toggle(client: PortalClient, token: str, flow_id: int) -> bool:
     """Toggle one flow's pin for the token's user; the answer is the NEW state."""
-    return _as_bool(client.call(FLOW_PIN, {"flowId": flow_id}, token=token).result)
+    return as_bool(client.call(FLOW_PIN, {"flowId": flow_id}, token=token).result)
 
 
 def pin_toggle_many(
@@ -137,7 +137,7 @@ def pin_toggle_many(
             answers[fid] = result.errors[key]
         elif key in result.results:
             try:
-                answers[fid] = _as_bool(result.results[key])
+                answers[fid] = as_bool(result.results[key])
             except MalformedAnswer as exc:
                 answers[fid] = exc
         else:
@@ -150,7 +150,7 @@ _TRUE = {"true", "1", "y"}
 _FALSE = {"false", "0", "n", ""}
 
 
-def _as_bool(value: Any) -> bool:
+def as_bool(value: Any) -> bool:
     """The pin state an answer carries. Anything else is not read as "unpinned": the toggle
     happened, and its result is unknown (MalformedAnswer)."""
     if isinstance(value, bool):

@@ -55,6 +55,7 @@ def rows_for(flows: list[FlowRow], intents: dict[int, IntentState]) -> list[dict
         row = {
             **f.as_json(),
             "pinned": bool(intent and intent.observed),
+            "known": bool(intent and intent.observed is not None),
             "intent": intent_json(intent) if intent else None,
         }
         pinned.append((not row["pinned"], *by_name(f), row))
@@ -90,7 +91,8 @@ class SortedRows:
             ids=tuple(f.flow_id for f in flows),
             flows=tuple(f.as_json() for f in flows),
             fragments=tuple(
-                json_for_script({**f.as_json(), "pinned": False, "intent": None}) for f in flows
+                json_for_script({**f.as_json(), "pinned": False, "known": False, "intent": None})
+                for f in flows
             ),
         )
 
@@ -105,7 +107,12 @@ class SortedRows:
             if intent is None:
                 rest.append(fragment)
                 continue
-            row = {**flow, "pinned": bool(intent.observed), "intent": intent_json(intent)}
+            row = {
+                **flow,
+                "pinned": bool(intent.observed),
+                "known": intent.observed is not None,
+                "intent": intent_json(intent),
+            }
             (pinned if intent.observed else rest).append(json_for_script(row))
         return "[" + ",".join(pinned + rest) + "]"
 

@@ -19,7 +19,7 @@ from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.celery import app
 from b24app.models import Portal, PortalUser
 from flows import converge as engine
-from flows import intents, listing, snapshots
+from flows import intents, listing, pinread, snapshots
 from flows.lock import release_locks_of
 from flows.outcome import Kind
 
@@ -77,7 +77,10 @@ def request_snapshot_refresh(portal_id: int, user_id: int, *, interactive: bool 
 def refresh_snapshot(
     *, portal_id: int, user_id: int, interactive: bool = False, force: bool = False
 ) -> str:
-    return listing.refresh(portal_id, user_id, interactive=interactive, force=force)
+    done = listing.refresh(portal_id, user_id, interactive=interactive, force=force)
+    if done.endswith(" flows") and pinread.in_flight(portal_id, user_id):
+        enqueue_converge(portal_id, user_id)  # a read waits for this list: start it
+    return done
 
 
 @worker_ready.connect
@@ -162,7 +165,7 @@ def queue_prune() -> None:
 def sweep_pending_work() -> None:
     """Start a run for every user with pending intents and no run in flight."""
     try:
-        for portal_id, user_id in intents.pending_users():
+        for portal_id, user_id in intents.pending_users() + pinread.wanted_users():
             enqueue_converge(portal_id, user_id)
     except Exception:
         log.warning("could not sweep pending pin work", exc_info=True)
@@ -171,7 +174,7 @@ def sweep_pending_work() -> None:
 def resume_pending_work() -> None:
     """Queue a convergence run for every user with a pending intent (coalesced per user)."""
     try:
-        for portal_id, user_id in intents.pending_users():
+        for portal_id, user_id in intents.pending_users() + pinread.wanted_users():
             engine.release_queued(portal_id, user_id)
             enqueue_converge(portal_id, user_id)
     except Exception:

@@ -7,4 +7,5 @@ urlpatterns = [
     path("api/status", api.status, name="flows-status"),
     path("api/add", api.add_flow, name="flows-add"),
     path("api/rows", api.rows, name="flows-rows"),
+    path("api/check", api.check_pins, name="flows-check"),
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -131,6 +133,23 @@ def settle_background_work(seconds: float = 30) -> None:
     while pending_refreshes():
         assert time.monotonic() < deadline, "background refreshes did not settle"
         time.sleep(0.05)
+
+
+@contextmanager
+def worker_paused() -> Iterator[None]:
+    """The session's worker, if one runs, stopped (SIGSTOP, after its jobs settle) while the
+    test runs the same jobs itself; resumed afterwards."""
+    shared = WORKER["proc"] if WORKER["running"] else None
+    if shared is not None:
+        settle_background_work()  # not stopped in the middle of a job
+        shared.pause()
+        WORKER["running"] = False
+    try:
+        yield
+    finally:
+        if shared is not None:
+            shared.resume()
+            WORKER["running"] = True
 
 
 def api(client: Client, token: str, method: str, path: str, body: Any = None) -> Any:

@@ -21,6 +21,9 @@ os.environ.setdefault("ALLOWED_HOSTS", "*")
 os.environ.setdefault("B24_ALLOW_HTTP", "1")
 os.environ.setdefault("B24_APP_BASE_URL", "http://127.0.0.1:8000")
 os.environ.setdefault("B24_JS_SDK_URL", "")
+# Reading pin states toggles pins in the sandbox: only the tests about it turn it on
+# (tests/flows/test_pinread.py), so every other count of toggles stays exact.
+os.environ.setdefault("FLOWPINS_READ_PINS", "0")
 os.environ.setdefault("FLOWPINS_ENV_FILE", os.devnull)
 # The tests (and the web and worker processes they start) speak plain http on 127.0.0.1, with no
 # TLS proxy in front: the production https redirect would answer every request with a 301.

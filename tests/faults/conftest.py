@@ -15,7 +15,7 @@ import pytest
 
 from devtools.supervisor import Process
 from tests.faults.stack import RedisServer, start_web, start_worker
-from tests.helpers import WORKER, settle_background_work
+from tests.helpers import worker_paused
 
 
 @dataclass
@@ -81,16 +81,9 @@ def private_stack(
     _private_redis.flush()
     env, base, web_log = _private_web
     stack = PrivateStack(_private_redis, env, base, web_log, tmp_path)
-    shared = WORKER["proc"] if WORKER["running"] else None
-    if shared is not None:
-        settle_background_work()  # not stopped in the middle of a job
-        shared.pause()
-        WORKER["running"] = False
-    try:
-        yield stack
-    finally:
-        for proc in stack.workers:
-            proc.stop(signal.SIGTERM)
-        if shared is not None:
-            shared.resume()
-            WORKER["running"] = True
+    with worker_paused():
+        try:
+            yield stack
+        finally:
+            for proc in stack.workers:
+                proc.stop(signal.SIGTERM)

@@ -220,15 +220,16 @@ def test_pending_pins_per_user_are_capped(
     assert PinIntent.objects.count() == 3
 
 
-def test_settled_intents_are_pruned_after_the_retention_but_a_pin_is_remembered(
+def test_settled_intents_are_pruned_after_the_retention_but_a_known_state_is_remembered(
     opened: dict[str, Any],
 ) -> None:
     portal = opened["portal"]
     old = timezone.now() - timedelta(days=django_settings.FLOWPINS_INTENT_DAYS + 1)
     rows = {
         1: ("done", True, old),  # a pin: what the page knows of it, kept
-        2: ("done", False, old),
+        2: ("done", False, old),  # known unpinned (a read or a click said so): kept
         3: ("failed", None, old),
+        6: ("done", None, old),  # settled without a known state: nothing to remember
         4: ("pending", None, old),  # still to do: never pruned
         5: ("done", False, timezone.now()),  # recent
     }
@@ -243,7 +244,7 @@ def test_settled_intents_are_pruned_after_the_retention_but_a_pin_is_remembered(
         )
         PinIntent.objects.filter(flow_id=flow_id).update(updated_at=when)
     assert intents.prune_settled() == 2
-    assert sorted(PinIntent.objects.values_list("flow_id", flat=True)) == [1, 4, 5]
+    assert sorted(PinIntent.objects.values_list("flow_id", flat=True)) == [1, 2, 4, 5]
 
 
 def test_a_dozen_page_opens_queue_one_list_refresh(

@@ -75,6 +75,7 @@ def test_a_user_pins_and_unpins_inside_the_portal_frame(
     flow_id = int(row.get_attribute("data-flow-id"))
     button = row.locator(".pin-btn")
     assert button.inner_text() == "Pin"
+    assert row.locator(".state").inner_text() == "state not read yet"  # reading is off here
     button.click()
     row.locator(".pin-btn:not(.busy)", has_text="Unpin").wait_for(timeout=20000)
     assert row.locator(".state").inner_text() == "Pinned."
@@ -236,3 +237,26 @@ def test_pin_all_names_the_flows_that_failed_and_why(page_for: Any, sandbox: Any
     assert portal_pins(sandbox, 2) == set(names) - set(lost)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "flows-pin-all-failed.png"), full_page=False)
+
+
+def test_flows_pinned_in_bitrix24_show_pinned_on_the_first_open_and_stay_pinned(
+    page_for: Any, sandbox: Any, settings: Any
+) -> None:
+    """The first open reads the real pin states (toggle pairs, in the worker): within seconds
+    the page shows what the user pinned in Bitrix24 itself, and every user's pins there are
+    exactly as they were before the page was opened."""
+    settings.FLOWPINS_READ_PINS = True
+    flows = visible_to(sandbox, 2)
+    pinned = set(flows[::3])
+    sb(sandbox, "p/alpha/pins", {"user_id": 2, "flow_ids": sorted(pinned), "pinned": True})
+    everyone = {uid: portal_pins(sandbox, uid) for uid in range(1, 7)}
+    page, frame = page_for(2)
+    for flow_id in pinned:  # shown within seconds of the open
+        frame.locator(f'tr.pinned[data-flow-id="{flow_id}"]').wait_for(timeout=20000)
+    unread = frame.locator("tr[data-flow-id] .state.unread")
+    unread.first.wait_for(state="detached", timeout=20000)  # every state known now
+    assert {
+        int(r.get_attribute("data-flow-id")) for r in frame.locator("tr.pinned").all()
+    } == pinned
+    assert frame.locator("#check-pins").is_visible()
+    assert {uid: portal_pins(sandbox, uid) for uid in range(1, 7)} == everyone
