@@ -18,6 +18,7 @@ from bench.clicks import bench_intents
 from bench.page import bench_page
 from bench.pins import bench_click_latency, bench_lossy, bench_one_call_per_pin, bench_pins
 from bench.portal import setup_django
+from bench.reads import bench_reads
 from bench.report import ONLY, QUICK, Report, wanted
 from bench.stack import Stack
 from bench.tenants import bench_events, bench_fairness, bench_slow_portal, bench_stampede
@@ -78,6 +79,8 @@ def run_sections(stack: Stack, report: Report) -> None:
         bench_intents(stack, report, 2 if QUICK else 4)
     if wanted("bench_fairness"):
         bench_fairness(stack, report, 1000 if QUICK else 2000, 3)
+    if wanted("bench_reads"):
+        bench_reads(stack, report, [100] if QUICK else [100, 1000, 2000])
     if wanted("bench_lossy"):
         bench_lossy(stack, report)
     if wanted("bench_slow_portal"):

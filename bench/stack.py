@@ -60,6 +60,9 @@ class Stack:
             B24_JS_SDK_URL="",
             LOG_LEVEL="WARNING",
             FLOWPINS_ENV_FILE=os.devnull,
+            # Opens read no pin states by themselves: the sections that pin compare against
+            # runs before reading existed; bench_reads asks for its reads itself.
+            FLOWPINS_READ_PINS="0",
             DATABASE_URL=os.environ.get(
                 "BENCH_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/flowpins_bench"
             ),
