@@ -80,7 +80,8 @@ API_LIMITS: dict[str, tuple[float, int]] = {
     "status": (10.0, 30),
     "rows": (5.0, 20),
     "add_flow": (0.5, 5),
-    "check_pins": (0.1, 2),  # a read costs the portal one request per 25 flows
+    # A read costs the portal one request per 25 flows (40 for 1,000): one a minute, after two.
+    "check_pins": (1 / 60, 2),
 }
 
 

@@ -42,7 +42,7 @@ from b24app.redisconn import redis_client
 from flows import remote, snapshots
 from flows.lock import UserLock
 from flows.models import PinIntent, PinRead
-from flows.outcome import Outcome
+from flows.outcome import Kind, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,13 @@ def _finished(portal: Portal, user_id: int) -> None:
     snapshots.update(portal, user_id, lambda current: current)
 
 
+def _given_up(portal: Portal, user_id: int) -> None:
+    """A read that cannot go on is no longer asked for; its flows stay "not read yet" until the
+    user asks again (Check pins in Bitrix24)."""
+    PinRead.objects.filter(portal=portal, user_id=user_id).update(requested_at=None)
+    redis_client().delete(_reading_key(portal.pk, user_id))
+
+
 def read_rounds(
     portal: Portal, user: PortalUser, stats: dict[str, int], lock: UserLock, rounds: int = 8
 ) -> Outcome | None:
@@ -132,6 +139,8 @@ def read_rounds(
             _finished(portal, user.user_id)
             return None
         stopped = _read_once(user, wanted[:PAIRS_PER_REQUEST], stats)
+        if stopped is not None and stopped.kind is Kind.FINAL:
+            _given_up(portal, user.user_id)  # the user must reopen, or an admin reinstall
         if stopped is not None:
             return stopped
     return Outcome.retry(0.0, "more pins to read than one run reads", exact=True, progress=True)

@@ -208,3 +208,21 @@ def test_with_reading_off_nothing_is_read_and_the_rows_say_so(sandbox: Any) -> N
     assert api(client, token, "POST", "/flows/api/check", {}).status_code == 404
     rows = api(client, token, "GET", "/flows/api/rows").json()["rows"]
     assert {r["known"] for r in rows} == {False}
+
+
+def test_a_read_that_cannot_go_on_is_dropped_and_the_rows_stay_unknown(
+    sandbox: Any, reading: None
+) -> None:
+    from b24app import tokens
+    from b24app.models import PortalUser
+
+    _pinned_beforehand(sandbox)
+    client, token = _open(sandbox)
+    portal = Portal.objects.get()
+    tokens.mark_user_needs_reopen(PortalUser.objects.get(user_id=USER).pk, "test: session ended")
+    before = state(sandbox)["counters"]["pin_toggles"]
+    outcome = engine.converge_user(portal.pk, USER)
+    assert outcome.kind is Kind.FINAL and outcome.reason == "reopen"
+    assert not _read_wanted(portal, USER) and not pinread.in_flight(portal.pk, USER)
+    assert state(sandbox)["counters"]["pin_toggles"] == before  # nothing was toggled
+    assert not PinIntent.objects.exists()
