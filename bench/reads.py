@@ -15,7 +15,8 @@ PREPINNED_EVERY = 3  # a third of the flows pinned in Bitrix24 beforehand
 
 
 def _read_once(stack: Stack, name: str, flows: int, rate: float, burst: int) -> list[str]:
-    """One user's first read over `flows` flows; then a Pin all of them. One table row."""
+    """One user's first read over `flows` generated flows (and the few seed flows they see);
+    then a Pin all of the generated ones. One table row."""
     from django.conf import settings
 
     from flows import pinread, tasks
@@ -44,13 +45,18 @@ def _read_once(stack: Stack, name: str, flows: int, rate: float, burst: int) -> 
     wrong = sum(known.get(fid) is not (fid in pinned) for fid in ids)
     changed = len(set(after["pins"].get(str(USER), [])) ^ pinned)
     requests_made = after["counters"]["requests"] - before["requests"]
+    calls = {
+        method: count - before["calls"].get(method, 0)
+        for method, count in after["counters"]["calls"].items()
+        if count != before["calls"].get(method, 0) and method != "tasks.flow.Flow.pin"
+    }
     pin_all = _pin_all(stack, name, ids, after["counters"]["pin_toggles"])
-    needed = math.ceil(flows / 25)
+    needed = math.ceil(len(known) / 25)  # the user's whole list: the seed flows they see too
     floor = max(0.0, (needed - burst) / rate)
     return [
         str(flows),
-        str(requests_made),
-        str(needed),
+        f"{requests_made} ({', '.join(f'{m} {n}' for m, n in sorted(calls.items()))})",
+        f"{len(known)} / {needed}",
         f"{seconds:.1f}",
         f"{floor:.1f}",
         str(after["counters"]["http_503"] - before["http_503"]),
@@ -82,7 +88,7 @@ def bench_reads(stack: Stack, report: Report, sizes: list[int]) -> None:
         [
             "flows",
             "REST requests",
-            "needed (flows / 25)",
+            "flows read / requests needed (÷ 25)",
             "seconds",
             "bucket floor s",
             "503s",
