@@ -132,9 +132,12 @@ def read_rounds(
         return None
     if not snapshots.status(portal, user.user_id).exists:
         return None  # the list is not there yet: its refresh starts the run again when it lands
+    # Asked on another machine, whose clock may be ahead of this one's: what this run records
+    # must count as read after the ask, or the same flows would be read again and again.
+    since = min(asked.requested_at, timezone.now())
     for _ in range(rounds):
         lock.check()
-        wanted = _wanted(portal, user.user_id, asked.requested_at)
+        wanted = _wanted(portal, user.user_id, since)
         if not wanted:
             _finished(portal, user.user_id)
             return None
