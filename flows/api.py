@@ -152,9 +152,7 @@ def rows(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpResponse
                 tasks.request_snapshot_refresh(portal.pk, user.user_id, interactive=True)
             return JsonResponse({"loading": True, "problem": problem})
         meta = snapshots.SnapshotMeta(version=snap.version, fetched_at=snap.fetched_at)
-    refreshing = snapshots.refresh_in_flight(portal.pk, user.user_id) or pinread.in_flight(
-        portal.pk, user.user_id
-    )
+    refreshing = snapshots.refresh_or_read_in_flight(portal.pk, user.user_id)
     max_age = _seconds(request.GET.get("max_age"))
     if (
         max_age is not None

@@ -171,7 +171,7 @@ def prune_settled(*, days: int | None = None) -> int:
     deleted, _ = (
         PinIntent.objects.exclude(status=PinIntent.Status.PENDING)
         .filter(updated_at__lt=cutoff)
-        .exclude(status=PinIntent.Status.DONE, observed__isnull=False)
+        .exclude(observed__isnull=False)
         .delete()
     )
     return deleted

@@ -15,6 +15,7 @@ so under the same lock and rate limiter as every other pin call.
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import time
@@ -30,10 +31,12 @@ from django.utils import timezone
 from b24app import tokens
 from b24app.bitrix.client import BATCH_LIMIT, PortalClient
 from b24app.bitrix.errors import (
+    AccessDenied,
     BitrixError,
     MalformedAnswer,
     OperationTimeLimit,
     RateLimited,
+    ResponseLost,
     TransientError,
 )
 from b24app.models import Portal, PortalUser
@@ -43,6 +46,7 @@ from flows import remote, snapshots
 from flows.lock import UserLock
 from flows.models import PinIntent, PinRead
 from flows.outcome import Kind, Outcome
+from flows.toggles import quiet_period
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +79,23 @@ def request(portal_id: int, user_id: int, *, first_only: bool = False) -> bool:
 
 
 def wanted_users() -> list[tuple[int, int]]:
-    """Every (portal, user) with a read asked for and not finished (a sweep resumes them)."""
-    return list(
-        PinRead.objects.filter(requested_at__isnull=False).values_list("portal_id", "user_id")
-    )
+    """Every (portal, user) with a read asked for, not finished, and their list there to read
+    it by (a sweep resumes them; a list that never comes starts none)."""
+    if not settings.FLOWPINS_READ_PINS:
+        return []
+    asked = PinRead.objects.filter(requested_at__isnull=False).values_list("portal_id", "user_id")
+    return [(p, u) for p, u in asked if snapshots.status(p, u).exists]
 
 
 def ready(portal_id: int, user_id: int) -> bool:
     """A read is wanted and the user's list is there to read it by."""
-    return in_flight(portal_id, user_id) and snapshots.status(portal_id, user_id).exists
+    return (
+        settings.FLOWPINS_READ_PINS
+        and PinRead.objects.filter(
+            portal_id=portal_id, user_id=user_id, requested_at__isnull=False
+        ).exists()
+        and snapshots.status(portal_id, user_id).exists
+    )
 
 
 def in_flight(portal_id: int, user_id: int) -> bool:
@@ -106,8 +118,9 @@ def _wanted(portal: Portal, user_id: int, since: datetime) -> list[int]:
     return [fid for fid in ids if fid not in skip]
 
 
-def _finished(portal: Portal, user_id: int) -> None:
-    PinRead.objects.filter(portal=portal, user_id=user_id).update(
+def _finished(portal: Portal, user_id: int, asked_at: datetime) -> None:
+    """The read asked for at `asked_at` is done (a newer ask stays wanted)."""
+    PinRead.objects.filter(portal=portal, user_id=user_id, requested_at=asked_at).update(
         requested_at=None, read_at=timezone.now()
     )
     redis_client().delete(_reading_key(portal.pk, user_id))
@@ -115,10 +128,12 @@ def _finished(portal: Portal, user_id: int) -> None:
     snapshots.update(portal, user_id, lambda current: current)
 
 
-def _given_up(portal: Portal, user_id: int) -> None:
-    """A read that cannot go on is no longer asked for; its flows stay "not read yet" until the
-    user asks again (Check pins in Bitrix24)."""
-    PinRead.objects.filter(portal=portal, user_id=user_id).update(requested_at=None)
+def _given_up(portal: Portal, user_id: int, asked_at: datetime | None) -> None:
+    """A read that cannot go on (or is turned off) is no longer asked for; its flows stay "not
+    read yet" until the user asks again (Check pins in Bitrix24)."""
+    PinRead.objects.filter(portal=portal, user_id=user_id, requested_at=asked_at).update(
+        requested_at=None
+    )
     redis_client().delete(_reading_key(portal.pk, user_id))
 
 
@@ -129,6 +144,10 @@ def read_rounds(
     read is done (or none was asked for); else when to come back for the rest (FINAL: never)."""
     asked = PinRead.objects.filter(portal=portal, user_id=user.user_id).first()
     if asked is None or asked.requested_at is None:
+        redis_client().delete(_reading_key(portal.pk, user.user_id))  # a stale marker
+        return None
+    if not settings.FLOWPINS_READ_PINS:
+        _given_up(portal, user.user_id, asked.requested_at)
         return None
     if not snapshots.status(portal, user.user_id).exists:
         return None  # the list is not there yet: its refresh starts the run again when it lands
@@ -139,31 +158,39 @@ def read_rounds(
         lock.check()
         wanted = _wanted(portal, user.user_id, since)
         if not wanted:
-            _finished(portal, user.user_id)
+            _finished(portal, user.user_id, asked.requested_at)
             return None
         stopped = _read_once(user, wanted[:PAIRS_PER_REQUEST], stats)
         if stopped is not None and stopped.kind is Kind.FINAL:
-            _given_up(portal, user.user_id)  # the user must reopen, or an admin reinstall
+            _given_up(portal, user.user_id, asked.requested_at)  # a reopen, say
         if stopped is not None:
             return stopped
     return Outcome.retry(0.0, "more pins to read than one run reads", exact=True, progress=True)
 
 
+class Seen(enum.Enum):
+    """What one flow's pair told."""
+
+    KNOWN = "known"  # both toggles answered: `state` is the user's, the pin is as it was
+    FLIPPED = "flipped"  # the second toggle did not run: the pin is the opposite of `state`
+    ONCE = "once"  # toggled once, its answer unreadable: one more toggle answers the state
+    UNKNOWN = "unknown"  # both toggles ran, their answers say nothing: as it was, unknown
+    DENIED = "denied"  # refused before anything ran (the user may not pin this flow)
+    UNTOUCHED = "untouched"  # nothing ran (halted before it, or a passing failure): read again
+
+
 @dataclass(frozen=True)
 class PairAnswer:
-    """What one flow's pair said: `state` the user had (None: unknown), `flipped`: the pair
-    broke after its first toggle, so the pin is the opposite of `state` now."""
-
     flow_id: int
-    state: bool | None
-    flipped: bool = False
-    unreadable: bool = False  # the first command was refused for good: nothing ran for it
+    seen: Seen
+    state: bool | None = None  # KNOWN, FLIPPED: the state the user had
 
 
 def _read_once(user: PortalUser, flow_ids: list[int], stats: dict[str, int]) -> Outcome | None:
-    """One request of pairs. Its answers are recorded even if the run's lock lapsed meanwhile:
-    a broken pair left a flow flipped, and only this answer says so."""
-    progress = stats["toggles"] > 0 or stats.get("reads", 0) > 0
+    """One request of pairs (and, for a flow toggled once without a readable answer, one more
+    toggle). Its answers are recorded even if the run's lock lapsed meanwhile: a broken pair
+    left a flow flipped, and only this answer says so."""
+    progress = stats["toggles"] > 0 or stats["reads"] > 0
     try:
         result = tokens.call_with_user(
             user, lambda client, token: _pairs(client, token, flow_ids), max_wait=0.6, bulk=True
@@ -171,14 +198,20 @@ def _read_once(user: PortalUser, flow_ids: list[int], stats: dict[str, int]) -> 
     except BitrixError as exc:
         return _request_failed(exc, progress=progress)
     answers = [_pair_answer(fid, result.results, result.errors) for fid in flow_ids]
+    answers = _follow_up(user, answers)
     record(user.portal_id, user.user_id, answers)
-    stats["reads"] = stats.get("reads", 0) + 1
-    if any(a.state is None and not a.unreadable for a in answers):
-        # A command failed and halted the rest: the next round reads them again.
-        failed = next(iter(result.errors.values()), None)
-        if isinstance(failed, TransientError):
-            return Outcome.retry(2.0, "a read command failed", progress=True)
+    stats["reads"] += 1
+    stop = next((e for e in result.errors.values() if _stops_the_read(e)), None)
+    if stop is not None:  # every flow would be refused the same way: one request each
+        log.info("reading pins stopped: %s", stop.code)
+        return Outcome.final(stop.problem)
+    if all(a.seen is Seen.UNTOUCHED for a in answers):
+        return Outcome.retry(2.0, "a read command failed", progress=progress)
     return None
+
+
+def _stops_the_read(exc: BitrixError) -> bool:
+    return not exc.transient and not isinstance(exc, AccessDenied)
 
 
 def _pairs(client: PortalClient, token: str, flow_ids: list[int]) -> Any:
@@ -189,37 +222,76 @@ def _pairs(client: PortalClient, token: str, flow_ids: list[int]) -> Any:
     return client.batch(commands, token=token, halt=True)
 
 
+def _readable(value: Any) -> bool | None:
+    try:
+        return remote.as_bool(value)
+    except MalformedAnswer:
+        return None
+
+
 def _pair_answer(
     flow_id: int, results: dict[str, Any], errors: dict[str, BitrixError]
 ) -> PairAnswer:
     first, second = f"a{flow_id}", f"b{flow_id}"
-    if first in errors:
-        # Refused before it ran (no access, say): nothing changed; unknown, not read again
-        # unless the refusal was transient.
-        return PairAnswer(flow_id, None, unreadable=not errors[first].transient)
+    if first in errors:  # refused before it ran: nothing changed
+        refused = isinstance(errors[first], AccessDenied)
+        return PairAnswer(flow_id, Seen.DENIED if refused else Seen.UNTOUCHED)
     if first not in results:
-        return PairAnswer(flow_id, None)  # halted before this pair: untouched
+        return PairAnswer(flow_id, Seen.UNTOUCHED)  # halt stopped the batch before this pair
+    after_first = _readable(results[first])
+    if second not in results:  # the second toggle failed, or halt stopped it: toggled once
+        if after_first is None:
+            return PairAnswer(flow_id, Seen.ONCE)
+        return PairAnswer(flow_id, Seen.FLIPPED, not after_first)
+    after_second = _readable(results[second])
+    if after_second is not None and after_first is not None and after_second == after_first:
+        return PairAnswer(flow_id, Seen.UNKNOWN)  # two toggles, one state: someone else toggled
+    if after_second is not None:
+        return PairAnswer(flow_id, Seen.KNOWN, after_second)
+    if after_first is not None:
+        return PairAnswer(flow_id, Seen.KNOWN, not after_first)
+    return PairAnswer(flow_id, Seen.UNKNOWN)
+
+
+def _follow_up(user: PortalUser, answers: list[PairAnswer]) -> list[PairAnswer]:
+    """A flow toggled once with no readable answer gets its second toggle now: that answer is
+    the user's state, and the pin is as it was. If it fails too, the flow is left UNKNOWN
+    (flipped or not) and logged: nothing the app can learn says which."""
+    once = [a.flow_id for a in answers if a.seen is Seen.ONCE]
+    if not once:
+        return answers
     try:
-        after_first = remote.as_bool(results[first])
-    except MalformedAnswer:
-        return PairAnswer(flow_id, None, flipped=second not in results)
-    if second in results:
-        try:
-            return PairAnswer(flow_id, remote.as_bool(results[second]))
-        except MalformedAnswer:
-            return PairAnswer(flow_id, not after_first)
-    # The second toggle did not run (it failed, or halt stopped it): left flipped.
-    return PairAnswer(flow_id, not after_first, flipped=True)
+        toggled = tokens.call_with_user(
+            user,
+            lambda client, token: remote.pin_toggle_many(client, token, once),
+            max_wait=3.0,
+            bulk=True,
+        )
+    except BitrixError as exc:
+        log.warning("a read left %d flow(s) toggled once: %s", len(once), exc.code)
+        toggled = {}
+    done: dict[int, PairAnswer] = {}
+    for fid in once:
+        state = toggled.get(fid)
+        done[fid] = (
+            PairAnswer(fid, Seen.KNOWN, state)
+            if isinstance(state, bool)
+            else PairAnswer(fid, Seen.UNKNOWN)
+        )
+    return [done.get(a.flow_id, a) for a in answers]
 
 
 def _request_failed(exc: BitrixError, *, progress: bool) -> Outcome:
-    """A read request that failed as a whole ran none of its commands (or, its answer lost,
-    all of them: a batch runs to its end): nothing is recorded and the flows are read again."""
+    """A read request that failed as a whole ran none of its commands — or, its answer lost,
+    all of them (a batch runs to its end): nothing is recorded and the flows are read again,
+    after a lost answer only once the portal must be done with the request."""
     if isinstance(exc, RateLimited):
         return Outcome.retry(exc.retry_after, "rate limited", exact=True, progress=progress)
     if isinstance(exc, OperationTimeLimit):
         wait = max(1.0, exc.reset_at - time.time())
         return Outcome.retry(wait, "operating time limit", exact=True, progress=progress)
+    if isinstance(exc, ResponseLost):
+        return Outcome.retry(quiet_period(exc), "a read's answer was lost", exact=True)
     if isinstance(exc, TransientError):
         return Outcome.retry(2.0, "reading pins: portal unavailable", progress=progress)
     log.info("reading pins failed permanently: %s", exc.code)
@@ -227,50 +299,67 @@ def _request_failed(exc: BitrixError, *, progress: bool) -> Outcome:
 
 
 @functools.cache
-def _record_sql(vendor: str, count: int) -> str:
+def _record_sql(vendor: str, count: int, *, learnt: bool) -> str:
+    """`learnt`: a state (or a broken pair) — a pending click keeps its desired state and stays
+    pending, anything else takes what the read says. Else only the time of the read is noted
+    on an existing row (a new one says "unknown" or "denied"). Our own names and placeholders
+    only go into the text."""
     qn = connection.ops.quote_name
     table = qn(PinIntent._meta.db_table)
     rows = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s)"] * count)
-    pending = PinIntent.Status.PENDING
-    # A pending click keeps its desired state and stays pending; everything else takes what the
-    # read says. Only our own names and placeholders go into the text.
-    return f"""
+    insert = f"""
         INSERT INTO {table} (portal_id, user_id, flow_id, desired, observed, observed_at,
                              status, toggles, problem, created_at, updated_at)
         VALUES {rows}
         ON CONFLICT (portal_id, user_id, flow_id) DO UPDATE SET
-            observed = excluded.observed, observed_at = excluded.observed_at,
-            desired = CASE WHEN {table}.status = '{pending}' THEN {table}.desired
-                           ELSE excluded.desired END,
-            toggles = CASE WHEN {table}.status = '{pending}' THEN {table}.toggles ELSE 0 END,
-            problem = CASE WHEN {table}.status = '{pending}' THEN {table}.problem
-                           ELSE excluded.problem END,
-            status = CASE WHEN {table}.status = '{pending}' THEN {table}.status
-                          ELSE excluded.status END,
-            updated_at = excluded.updated_at
     """  # noqa: S608
+    if not learnt:
+        return insert + "observed_at = excluded.observed_at"
+    pending = PinIntent.Status.PENDING
+
+    def keep(column: str, otherwise: str) -> str:
+        kept = f"{table}.{column}"
+        return f"{column} = CASE WHEN {table}.status = '{pending}' THEN {kept} ELSE {otherwise} END"
+
+    return insert + ", ".join(
+        [
+            "observed = excluded.observed",
+            "observed_at = excluded.observed_at",
+            keep("desired", "excluded.desired"),
+            keep("toggles", "0"),
+            keep("problem", "excluded.problem"),
+            keep("status", "excluded.status"),
+            "updated_at = excluded.updated_at",
+        ]
+    )
+
+
+def _row(portal_id: int, user_id: int, a: PairAnswer, now: datetime) -> list[Any]:
+    """The row a read writes for one flow: portal, user, flow, desired, observed, observed_at,
+    status, problem, created_at, updated_at."""
+    if a.seen is Seen.KNOWN:
+        values: tuple[Any, ...] = (a.state, a.state, PinIntent.Status.DONE, "")
+    elif a.seen is Seen.FLIPPED:
+        assert a.state is not None
+        values = (a.state, not a.state, PinIntent.Status.PENDING, "")
+    elif a.seen is Seen.DENIED:
+        values = (False, None, PinIntent.Status.FAILED, Problem.DENIED)
+    else:  # UNKNOWN
+        values = (False, None, PinIntent.Status.DONE, "")
+    desired, observed, status, problem = values
+    return [portal_id, user_id, a.flow_id, desired, observed, now, status, problem, now, now]
 
 
 def record(portal_id: int, user_id: int, answers: list[PairAnswer]) -> None:
-    """Write what a read learnt, one statement: a known state (done), a broken pair (pending:
-    the user's state is desired, the flipped one observed), a flow the user may not pin
-    (failed, denied)."""
+    """Write what a read learnt, at most two statements: known states (done) and broken pairs
+    (pending: the user's state desired, the flipped one observed); flows it could not learn
+    (unknown, denied) get the time of the read, so they are not read again in this read."""
     now = timezone.now()
-    params: list[Any] = []
-    count = 0
-    for a in answers:
-        if a.state is None and not a.unreadable and not a.flipped:
-            continue  # untouched: read again
-        problem = ""
-        if a.state is None:
-            desired, observed, status = False, None, PinIntent.Status.FAILED
-            problem = Problem.DENIED
-        elif a.flipped:
-            desired, observed, status = a.state, not a.state, PinIntent.Status.PENDING
-        else:
-            desired, observed, status = a.state, a.state, PinIntent.Status.DONE
-        params += [portal_id, user_id, a.flow_id, desired, observed, now, status, problem, now, now]
-        count += 1
-    if count:
-        with connection.cursor() as cursor:
-            cursor.execute(_record_sql(connection.vendor, count), params)
+    learnt = [a for a in answers if a.seen in (Seen.KNOWN, Seen.FLIPPED)]
+    noted = [a for a in answers if a.seen in (Seen.UNKNOWN, Seen.DENIED)]
+    with connection.cursor() as cursor:
+        for group, is_learnt in ((learnt, True), (noted, False)):
+            if group:
+                params = [v for a in group for v in _row(portal_id, user_id, a, now)]
+                sql = _record_sql(connection.vendor, len(group), learnt=is_learnt)
+                cursor.execute(sql, params)

@@ -220,6 +220,13 @@ def refresh_in_flight(portal_id: int, user_id: int) -> bool:
     return bool(redis_client().exists(_key("refreshing", portal_id, user_id)))
 
 
+def refresh_or_read_in_flight(portal_id: int, user_id: int) -> bool:
+    """A list refresh or a read of the pin states (`flows.pinread`) is on its way: one round
+    trip for the open page's poll."""
+    keys = (_key("refreshing", portal_id, user_id), _key("reading", portal_id, user_id))
+    return bool(redis_client().exists(*keys))
+
+
 def pending_refreshes() -> int:
     """List refreshes queued or running now (for tests and operators)."""
     return sum(1 for _ in redis_client().scan_iter(match="fp:refreshing:*", count=500))

@@ -130,7 +130,8 @@ def celery_worker_process(
     """The session's worker; tests/faults pause it (WORKER["proc"]) while a private stack runs."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     cmd = worker_command(concurrency=4, quiet=True)
-    proc = start("celery worker", cmd, env=worker_env, log=log)
+    # It reads pin states only when asked, and only the tests about reading ask.
+    proc = start("celery worker", cmd, env={**worker_env, "FLOWPINS_READ_PINS": "1"}, log=log)
     try:
         proc.wait_for_log("ready.", 40)
         WORKER["running"] = True  # from now on a worker, not the test, runs queued jobs

@@ -132,7 +132,7 @@ def test_a_read_broken_between_its_toggles_leaves_no_pin_changed(
     _open(sandbox)
     sb(sandbox, "config", {"portal": "alpha", knob: position})  # INTERNAL_SERVER_ERROR
     outcome = engine.converge_user(Portal.objects.get().pk, USER)  # the read breaks
-    assert outcome.kind is Kind.RETRY  # to read the rest once the portal answers again
+    assert outcome.kind is not Kind.FINAL  # it goes on: around the fault, or once it stops
     counters = state(sandbox)["counters"]
     assert counters["errors"].get("INTERNAL_SERVER_ERROR", 0) + counters["dropped_responses"] >= 1
     if knob == "batch_fail_at" and position % 2:
@@ -165,6 +165,9 @@ def test_a_click_that_lands_during_a_read_wins(sandbox: Any, reading: None) -> N
     converge_all()
     assert portal_pins(sandbox, USER) == pinned - {clicked}
     assert PinIntent.objects.get(flow_id=clicked).desired is False
+    # The click landed while its flow's pair was on the way (read, kept pending, then toggled
+    # once), not before the read chose its flows (then it would not have been read at all).
+    assert state(sandbox)["counters"]["pin_toggles"] == 2 * len(flows) + 1
 
 
 def test_after_a_read_pin_all_toggles_only_the_flows_that_differ(
@@ -226,3 +229,36 @@ def test_a_read_that_cannot_go_on_is_dropped_and_the_rows_stay_unknown(
     assert not _read_wanted(portal, USER) and not pinread.in_flight(portal.pk, USER)
     assert state(sandbox)["counters"]["pin_toggles"] == before  # nothing was toggled
     assert not PinIntent.objects.exists()
+
+
+def test_a_flow_the_user_may_not_pin_is_marked_and_the_read_goes_on(
+    sandbox: Any, reading: None
+) -> None:
+    flows, pinned = _pinned_beforehand(sandbox)
+    _open(sandbox)
+    hidden = flows[1]  # taken away from the user after their list was fetched
+    sb(sandbox, "p/alpha/flow", {"id": hidden, "access": ["U3"]})
+    converge_all()
+    refused = PinIntent.objects.get(flow_id=hidden)
+    assert (refused.status, refused.problem, refused.observed) == ("failed", "denied", None)
+    rest = [f for f in flows if f != hidden]
+    assert _known(rest) == {f: f in pinned for f in rest}
+    assert portal_pins(sandbox, USER) == pinned
+
+
+def test_an_error_every_flow_would_get_stops_the_read_after_one_request(
+    sandbox: Any, reading: None
+) -> None:
+    flows, pinned = _pinned_beforehand(sandbox)
+    _open(sandbox)
+    sb(
+        sandbox,
+        "config",
+        {"portal": "alpha", "batch_fail_at": 0, "batch_fail_code": "ERROR_METHOD_NOT_FOUND"},
+    )
+    before = state(sandbox)["counters"]["requests"]
+    outcome = engine.converge_user(Portal.objects.get().pk, USER)
+    assert outcome.kind is Kind.FINAL
+    assert state(sandbox)["counters"]["requests"] - before == 1  # not one request per flow
+    assert not _read_wanted(Portal.objects.get(), USER)
+    assert portal_pins(sandbox, USER) == pinned
