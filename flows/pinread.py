@@ -15,34 +15,27 @@ so under the same lock and rate limiter as every other pin call.
 
 from __future__ import annotations
 
-import enum
-import functools
 import logging
 import time
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from django.conf import settings
-from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
 from b24app import tokens
-from b24app.bitrix.client import BATCH_LIMIT, PortalClient
+from b24app.bitrix.client import BATCH_LIMIT
 from b24app.bitrix.errors import (
     AccessDenied,
     BitrixError,
-    MalformedAnswer,
     OperationTimeLimit,
     RateLimited,
     ResponseLost,
     TransientError,
 )
 from b24app.models import Portal, PortalUser
-from b24app.problems import Problem
 from b24app.redisconn import redis_client
-from flows import remote, snapshots
+from flows import pairs, remote, snapshots
 from flows.lock import UserLock
 from flows.models import PinIntent, PinRead
 from flows.outcome import Kind, Outcome
@@ -168,24 +161,6 @@ def read_rounds(
     return Outcome.retry(0.0, "more pins to read than one run reads", exact=True, progress=True)
 
 
-class Seen(enum.Enum):
-    """What one flow's pair told."""
-
-    KNOWN = "known"  # both toggles answered: `state` is the user's, the pin is as it was
-    FLIPPED = "flipped"  # the second toggle did not run: the pin is the opposite of `state`
-    ONCE = "once"  # toggled once, its answer unreadable: one more toggle answers the state
-    UNKNOWN = "unknown"  # both toggles ran, their answers say nothing: as it was, unknown
-    DENIED = "denied"  # refused before anything ran (the user may not pin this flow)
-    UNTOUCHED = "untouched"  # nothing ran (halted before it, or a passing failure): read again
-
-
-@dataclass(frozen=True)
-class PairAnswer:
-    flow_id: int
-    seen: Seen
-    state: bool | None = None  # KNOWN, FLIPPED: the state the user had
-
-
 def _read_once(user: PortalUser, flow_ids: list[int], stats: dict[str, int]) -> Outcome | None:
     """One request of pairs (and, for a flow toggled once without a readable answer, one more
     toggle). Its answers are recorded even if the run's lock lapsed meanwhile: a broken pair
@@ -193,19 +168,22 @@ def _read_once(user: PortalUser, flow_ids: list[int], stats: dict[str, int]) -> 
     progress = stats["toggles"] > 0 or stats["reads"] > 0
     try:
         result = tokens.call_with_user(
-            user, lambda client, token: _pairs(client, token, flow_ids), max_wait=0.6, bulk=True
+            user,
+            lambda client, token: pairs.batch_of_pairs(client, token, flow_ids),
+            max_wait=0.6,
+            bulk=True,
         )
     except BitrixError as exc:
         return _request_failed(exc, progress=progress)
-    answers = [_pair_answer(fid, result.results, result.errors) for fid in flow_ids]
+    answers = [pairs.pair_answer(fid, result.results, result.errors) for fid in flow_ids]
     answers = _follow_up(user, answers)
-    record(user.portal_id, user.user_id, answers)
+    pairs.record(user.portal_id, user.user_id, answers)
     stats["reads"] += 1
     stop = next((e for e in result.errors.values() if _stops_the_read(e)), None)
     if stop is not None:  # every flow would be refused the same way: one request each
         log.info("reading pins stopped: %s", stop.code)
         return Outcome.final(stop.problem)
-    if all(a.seen is Seen.UNTOUCHED for a in answers):
+    if all(a.seen is pairs.Seen.UNTOUCHED for a in answers):
         return Outcome.retry(2.0, "a read command failed", progress=progress)
     return None
 
@@ -214,50 +192,11 @@ def _stops_the_read(exc: BitrixError) -> bool:
     return not exc.transient and not isinstance(exc, AccessDenied)
 
 
-def _pairs(client: PortalClient, token: str, flow_ids: list[int]) -> Any:
-    commands: dict[str, tuple[str, dict[str, Any]]] = {}
-    for fid in flow_ids:
-        commands[f"a{fid}"] = (remote.FLOW_PIN, {"flowId": fid})
-        commands[f"b{fid}"] = (remote.FLOW_PIN, {"flowId": fid})
-    return client.batch(commands, token=token, halt=True)
-
-
-def _readable(value: Any) -> bool | None:
-    try:
-        return remote.as_bool(value)
-    except MalformedAnswer:
-        return None
-
-
-def _pair_answer(
-    flow_id: int, results: dict[str, Any], errors: dict[str, BitrixError]
-) -> PairAnswer:
-    first, second = f"a{flow_id}", f"b{flow_id}"
-    if first in errors:  # refused before it ran: nothing changed
-        refused = isinstance(errors[first], AccessDenied)
-        return PairAnswer(flow_id, Seen.DENIED if refused else Seen.UNTOUCHED)
-    if first not in results:
-        return PairAnswer(flow_id, Seen.UNTOUCHED)  # halt stopped the batch before this pair
-    after_first = _readable(results[first])
-    if second not in results:  # the second toggle failed, or halt stopped it: toggled once
-        if after_first is None:
-            return PairAnswer(flow_id, Seen.ONCE)
-        return PairAnswer(flow_id, Seen.FLIPPED, not after_first)
-    after_second = _readable(results[second])
-    if after_second is not None and after_first is not None and after_second == after_first:
-        return PairAnswer(flow_id, Seen.UNKNOWN)  # two toggles, one state: someone else toggled
-    if after_second is not None:
-        return PairAnswer(flow_id, Seen.KNOWN, after_second)
-    if after_first is not None:
-        return PairAnswer(flow_id, Seen.KNOWN, not after_first)
-    return PairAnswer(flow_id, Seen.UNKNOWN)
-
-
-def _follow_up(user: PortalUser, answers: list[PairAnswer]) -> list[PairAnswer]:
+def _follow_up(user: PortalUser, answers: list[pairs.PairAnswer]) -> list[pairs.PairAnswer]:
     """A flow toggled once with no readable answer gets its second toggle now: that answer is
     the user's state, and the pin is as it was. If it fails too, the flow is left UNKNOWN
     (flipped or not) and logged: nothing the app can learn says which."""
-    once = [a.flow_id for a in answers if a.seen is Seen.ONCE]
+    once = [a.flow_id for a in answers if a.seen is pairs.Seen.ONCE]
     if not once:
         return answers
     try:
@@ -270,13 +209,13 @@ def _follow_up(user: PortalUser, answers: list[PairAnswer]) -> list[PairAnswer]:
     except BitrixError as exc:
         log.warning("a read left %d flow(s) toggled once: %s", len(once), exc.code)
         toggled = {}
-    done: dict[int, PairAnswer] = {}
+    done: dict[int, pairs.PairAnswer] = {}
     for fid in once:
         state = toggled.get(fid)
         done[fid] = (
-            PairAnswer(fid, Seen.KNOWN, state)
+            pairs.PairAnswer(fid, pairs.Seen.KNOWN, state)
             if isinstance(state, bool)
-            else PairAnswer(fid, Seen.UNKNOWN)
+            else pairs.PairAnswer(fid, pairs.Seen.UNKNOWN)
         )
     return [done.get(a.flow_id, a) for a in answers]
 
@@ -296,70 +235,3 @@ def _request_failed(exc: BitrixError, *, progress: bool) -> Outcome:
         return Outcome.retry(2.0, "reading pins: portal unavailable", progress=progress)
     log.info("reading pins failed permanently: %s", exc.code)
     return Outcome.final(exc.problem)
-
-
-@functools.cache
-def _record_sql(vendor: str, count: int, *, learnt: bool) -> str:
-    """`learnt`: a state (or a broken pair) — a pending click keeps its desired state and stays
-    pending, anything else takes what the read says. Else only the time of the read is noted
-    on an existing row (a new one says "unknown" or "denied"). Our own names and placeholders
-    only go into the text."""
-    qn = connection.ops.quote_name
-    table = qn(PinIntent._meta.db_table)
-    rows = ", ".join(["(%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s)"] * count)
-    insert = f"""
-        INSERT INTO {table} (portal_id, user_id, flow_id, desired, observed, observed_at,
-                             status, toggles, problem, created_at, updated_at)
-        VALUES {rows}
-        ON CONFLICT (portal_id, user_id, flow_id) DO UPDATE SET
-    """  # noqa: S608
-    if not learnt:
-        return insert + "observed_at = excluded.observed_at"
-    pending = PinIntent.Status.PENDING
-
-    def keep(column: str, otherwise: str) -> str:
-        kept = f"{table}.{column}"
-        return f"{column} = CASE WHEN {table}.status = '{pending}' THEN {kept} ELSE {otherwise} END"
-
-    return insert + ", ".join(
-        [
-            "observed = excluded.observed",
-            "observed_at = excluded.observed_at",
-            keep("desired", "excluded.desired"),
-            keep("toggles", "0"),
-            keep("problem", "excluded.problem"),
-            keep("status", "excluded.status"),
-            "updated_at = excluded.updated_at",
-        ]
-    )
-
-
-def _row(portal_id: int, user_id: int, a: PairAnswer, now: datetime) -> list[Any]:
-    """The row a read writes for one flow: portal, user, flow, desired, observed, observed_at,
-    status, problem, created_at, updated_at."""
-    if a.seen is Seen.KNOWN:
-        values: tuple[Any, ...] = (a.state, a.state, PinIntent.Status.DONE, "")
-    elif a.seen is Seen.FLIPPED:
-        assert a.state is not None
-        values = (a.state, not a.state, PinIntent.Status.PENDING, "")
-    elif a.seen is Seen.DENIED:
-        values = (False, None, PinIntent.Status.FAILED, Problem.DENIED)
-    else:  # UNKNOWN
-        values = (False, None, PinIntent.Status.DONE, "")
-    desired, observed, status, problem = values
-    return [portal_id, user_id, a.flow_id, desired, observed, now, status, problem, now, now]
-
-
-def record(portal_id: int, user_id: int, answers: list[PairAnswer]) -> None:
-    """Write what a read learnt, at most two statements: known states (done) and broken pairs
-    (pending: the user's state desired, the flipped one observed); flows it could not learn
-    (unknown, denied) get the time of the read, so they are not read again in this read."""
-    now = timezone.now()
-    learnt = [a for a in answers if a.seen in (Seen.KNOWN, Seen.FLIPPED)]
-    noted = [a for a in answers if a.seen in (Seen.UNKNOWN, Seen.DENIED)]
-    with connection.cursor() as cursor:
-        for group, is_learnt in ((learnt, True), (noted, False)):
-            if group:
-                params = [v for a in group for v in _row(portal_id, user_id, a, now)]
-                sql = _record_sql(connection.vendor, len(group), learnt=is_learnt)
-                cursor.execute(sql, params)
