@@ -16,7 +16,6 @@ so under the same lock and rate limiter as every other pin call.
 from __future__ import annotations
 
 import logging
-import time
 from datetime import datetime
 
 from django.conf import settings
@@ -28,8 +27,6 @@ from b24app.bitrix.client import BATCH_LIMIT
 from b24app.bitrix.errors import (
     AccessDenied,
     BitrixError,
-    OperationTimeLimit,
-    RateLimited,
     ResponseLost,
     TransientError,
 )
@@ -39,7 +36,7 @@ from flows import pairs, remote, snapshots
 from flows.lock import UserLock
 from flows.models import PinIntent, PinRead
 from flows.outcome import Kind, Outcome
-from flows.toggles import quiet_period
+from flows.toggles import limit_wait, quiet_period
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +78,11 @@ def wanted_users() -> list[tuple[int, int]]:
 
 
 def ready(portal_id: int, user_id: int) -> bool:
-    """A read is wanted and the user's list is there to read it by."""
+    """A read is wanted and the user's list is there to read it by. Asked at the end of every
+    convergence run: the Redis marker (no read: no database query) first."""
     return (
         settings.FLOWPINS_READ_PINS
+        and in_flight(portal_id, user_id)
         and PinRead.objects.filter(
             portal_id=portal_id, user_id=user_id, requested_at__isnull=False
         ).exists()
@@ -224,11 +223,8 @@ def _request_failed(exc: BitrixError, *, progress: bool) -> Outcome:
     """A read request that failed as a whole ran none of its commands — or, its answer lost,
     all of them (a batch runs to its end): nothing is recorded and the flows are read again,
     after a lost answer only once the portal must be done with the request."""
-    if isinstance(exc, RateLimited):
-        return Outcome.retry(exc.retry_after, "rate limited", exact=True, progress=progress)
-    if isinstance(exc, OperationTimeLimit):
-        wait = max(1.0, exc.reset_at - time.time())
-        return Outcome.retry(wait, "operating time limit", exact=True, progress=progress)
+    if (limited := limit_wait(exc, progress=progress)) is not None:
+        return limited
     if isinstance(exc, ResponseLost):
         return Outcome.retry(quiet_period(exc), "a read's answer was lost", exact=True)
     if isinstance(exc, TransientError):

@@ -216,10 +216,6 @@ def release_refresh(portal_id: int, user_id: int) -> None:
     redis_client().delete(_key("refreshing", portal_id, user_id))
 
 
-def refresh_in_flight(portal_id: int, user_id: int) -> bool:
-    return bool(redis_client().exists(_key("refreshing", portal_id, user_id)))
-
-
 def refresh_or_read_in_flight(portal_id: int, user_id: int) -> bool:
     """A list refresh or a read of the pin states (`flows.pinread`) is on its way: one round
     trip for the open page's poll."""

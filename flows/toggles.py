@@ -151,6 +151,17 @@ def _mark_problem(intent_ids: list[int], problem: str) -> None:
     )
 
 
+def limit_wait(exc: BitrixError, *, progress: bool) -> Outcome | None:
+    """When a request refused by a limit may go again (no outage: exactly then), or None when
+    `exc` is no limit. The portal's bucket (or ours) names its wait; a paused method, its end."""
+    if isinstance(exc, RateLimited):
+        return Outcome.retry(exc.retry_after, "rate limited", exact=True, progress=progress)
+    if isinstance(exc, OperationTimeLimit):
+        wait = max(1.0, exc.reset_at - time.time())
+        return Outcome.retry(wait, "operating time limit", exact=True, progress=progress)
+    return None
+
+
 def quiet_period(exc: ResponseLost) -> float:
     """How long to leave a flow alone after a toggle whose answer was lost.
 
@@ -235,12 +246,9 @@ def _request_failed(
             tokens.mark_portal_needs_reinstall(portal.pk, "the portal refused the app")
         _stop_all(portal, user, Problem.REINSTALL)
         return Outcome.final(Problem.REINSTALL)
-    if isinstance(exc, RateLimited | OperationTimeLimit):
+    if (limited := limit_wait(exc, progress=progress)) is not None:
         _mark_problem(pks, Problem.RATE_LIMITED)
-        if isinstance(exc, RateLimited):
-            return Outcome.retry(exc.retry_after, "rate limited", exact=True, progress=progress)
-        wait = max(1.0, exc.reset_at - time.time())
-        return Outcome.retry(wait, "operating time limit", exact=True, progress=progress)
+        return limited
     if isinstance(exc, ResponseLost):
         # The toggles may or may not have happened: the state is unknown until the next answer,
         # and these flows wait until the portal must be done with them; the others go on.
