@@ -153,7 +153,8 @@ def worker_paused() -> Iterator[None]:
             import redis as redis_lib
             from django.conf import settings
 
-            redis_lib.Redis.from_url(settings.CELERY_BROKER_URL).delete("flowpins")
+            broker = redis_lib.Redis.from_url(settings.CELERY_BROKER_URL)
+            broker.delete(settings.CELERY_TASK_DEFAULT_QUEUE)
             shared.resume()
             WORKER["running"] = True
 
