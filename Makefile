@@ -34,7 +34,7 @@ sandbox: $(VENV)/.runtime
 
 ## test: the whole suite (services tests use DATABASE_URL / REDIS_URL when set)
 test: $(VENV)/.test
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --cov --cov-report= $(PYTEST_ARGS)
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
