@@ -7,6 +7,7 @@ Views validate and tasks retry; the decisions and the writes are here.
 from __future__ import annotations
 
 import enum
+import re
 
 from django.conf import settings
 from django.db import models, transaction
@@ -26,7 +27,8 @@ from b24app.bitrix.errors import (
     ReopenRequired,
     TokenExpired,
 )
-from b24app.models import Portal, PortalUser
+from b24app.models import Portal, PortalUser, RestCall
+from b24app.redisconn import redis_client
 from b24app.tokens import (
     admin_user,
     call_with_user,
@@ -118,6 +120,27 @@ def portal_uninstall(portal: Portal, *, clean: bool) -> None:
         portal_uninstalled.send(sender=Portal, portal=portal, clean=clean)
         if clean:
             Portal.objects.filter(pk=portal.pk).delete()
+            # Not a foreign key (a call is logged before, and whether or not, a portal row
+            # exists): "delete all data" must reach it by member_id.
+            RestCall.objects.filter(member_id=portal.member_id).delete()
+            pk, member_id = portal.pk, portal.member_id
+            transaction.on_commit(lambda: forget_portal_keys(pk, member_id))
+
+
+def forget_portal_keys(portal_id: int, member_id: str) -> int:
+    """Delete every Redis key the app keeps for a portal: each names it, either as
+    fp:<kind…>:<portal id>[:<user id>] (lists, markers, locks, buckets) or as
+    fp:<kind>:<member_id>[:…] (rate limits). A rare event, so one SCAN of the app's keys."""
+    own = re.compile(rf"^fp:(?:[A-Za-z_]+:)+{portal_id}(?::\d+)?$")
+    client = redis_client()
+    keys = [
+        key
+        for key in client.scan_iter(match="fp:*", count=1000)
+        if own.match(text := key.decode()) or f":{member_id}" in text
+    ]
+    for start in range(0, len(keys), 1000):
+        client.delete(*keys[start : start + 1000])
+    return len(keys)
 
 
 class UninstallVerdict(enum.Enum):
