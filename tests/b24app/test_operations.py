@@ -86,7 +86,9 @@ def test_the_portals_command_reports_each_portals_state_users_and_rest_health() 
         PortalUser.objects.create(portal=busy, user_id=user_id, state=PortalUser.State.NEEDS_REOPEN)
     PortalUser.objects.create(portal=quiet, user_id=1)
 
-    def calls(portal: Portal, count: int, hours_ago: float, error: str = "", status: int = 200):
+    def calls(
+        portal: Portal, count: int, hours_ago: float, error: str = "", status: int = 200
+    ) -> None:
         for _ in range(count):
             RestCall.objects.create(
                 member_id=portal.member_id,
