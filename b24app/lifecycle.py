@@ -7,11 +7,14 @@ Views validate and tasks retry; the decisions and the writes are here.
 from __future__ import annotations
 
 import enum
+import logging
+import re
 
 from django.conf import settings
 from django.db import models, transaction
 from django.dispatch import Signal
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from b24app import placements
 from b24app.bitrix import oauth
@@ -26,12 +29,15 @@ from b24app.bitrix.errors import (
     ReopenRequired,
     TokenExpired,
 )
-from b24app.models import Portal, PortalUser
+from b24app.models import Portal, PortalUser, RestCall
+from b24app.redisconn import redis_client
 from b24app.tokens import (
     admin_user,
     call_with_user,
     refresh_user_token,
 )
+
+log = logging.getLogger(__name__)
 
 # Sent after a portal's tokens were deleted (uninstall); flows cancels its pending work.
 portal_uninstalled = Signal()  # kwargs: portal, clean
@@ -118,6 +124,32 @@ def portal_uninstall(portal: Portal, *, clean: bool) -> None:
         portal_uninstalled.send(sender=Portal, portal=portal, clean=clean)
         if clean:
             Portal.objects.filter(pk=portal.pk).delete()
+            # The call log is keyed by member_id, not by a foreign key (a call is logged
+            # whether or not a portal row exists), so the cascade above does not reach it.
+            RestCall.objects.filter(member_id=portal.member_id).delete()
+            pk, member_id = portal.pk, portal.member_id
+            transaction.on_commit(lambda: forget_portal_keys(pk, member_id))
+
+
+def forget_portal_keys(portal_id: int, member_id: str) -> int:
+    """Delete every Redis key the app keeps for a portal: each names it, either as
+    fp:<kind…>:<portal id>[:<user id>] (lists, markers, locks, buckets) or as
+    fp:<kind>:<member_id>[:…] (rate limits). A rare event, so one SCAN of the app's keys."""
+    own = re.compile(rf"^fp:(?:[A-Za-z_]+:)+{portal_id}(?::\d+)?$")
+    client = redis_client()
+    try:
+        keys = [
+            key
+            for key in client.scan_iter(match="fp:*", count=1000)
+            if own.match(text := key.decode()) or f":{member_id}" in text
+        ]
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    except RedisError:
+        # The rows are gone already; the keys left expire on their own (lists in minutes).
+        log.warning("portal %s: its Redis keys could not be deleted", member_id)
+        return 0
+    return len(keys)
 
 
 class UninstallVerdict(enum.Enum):

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
 from io import StringIO
 from typing import Any
 
@@ -10,9 +12,10 @@ import pytest
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.test import Client
+from django.utils import timezone
 
-from b24app.models import Portal, PortalUser
-from tests.helpers import install, launch, post_frame, state
+from b24app.models import Portal, PortalUser, RestCall
+from tests.helpers import install, launch, post_frame
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -40,16 +43,112 @@ def test_the_admin_shows_portals_and_users_but_no_token(sandbox: Any) -> None:
         assert secret and secret not in html
 
 
-def test_the_portals_command_reports_state_and_rest_health(sandbox: Any) -> None:
-    install(Client(), sandbox)
-    Portal.objects.update(state=Portal.State.NEEDS_REINSTALL, state_reason="PAYMENT_REQUIRED: x")
+def _portals_table(*args: str) -> dict[str, dict[str, str]]:
+    """`manage.py portals` parsed into columns by its header, keyed by domain."""
+    out = StringIO()
+    call_command("portals", *args, stdout=out)
+    header, rule, *rows = out.getvalue().splitlines()
+    names = header.replace("last call", "last_call").split()
+    assert names == [
+        "domain", "member_id", "state", "users", "reopen", "calls", "errors", "503s", "last_call",
+    ]  # fmt: skip
+    assert set(rule) == {"-"}
+    table: dict[str, dict[str, str]] = {}
+    row = re.compile(
+        r"^(\S+) +(\S+) +(\S+(?: !)?) +(\d+) +(\d+) +(\d+) +(\d+) +(\d+)  "
+        r"(never|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)$"
+    )
+    last = ""
+    for line in rows:
+        if line.startswith("    reason: "):
+            table[last]["reason"] = line.removeprefix("    reason: ")
+            continue
+        match = row.match(line)
+        assert match, f"not a row of the table: {line!r}"
+        last = match.group(1)
+        table[last] = dict(zip(names, match.groups(), strict=True))
+    return table
+
+
+def test_the_portals_command_reports_each_portals_state_users_and_rest_health() -> None:
+    """Every column counts its own thing for its own portal, within the window asked for."""
+    now = timezone.now()
+    busy = Portal.objects.create(
+        member_id="a" * 32,
+        domain="busy.bitrix24.com",
+        state=Portal.State.NEEDS_REINSTALL,
+        state_reason="PAYMENT_REQUIRED: x",
+    )
+    quiet = Portal.objects.create(member_id="b" * 32, domain="quiet.bitrix24.com")
+    for user_id in range(1, 5):  # 4 active users
+        PortalUser.objects.create(portal=busy, user_id=user_id)
+    for user_id in (10, 11):  # 2 who must open the app again
+        PortalUser.objects.create(portal=busy, user_id=user_id, state=PortalUser.State.NEEDS_REOPEN)
+    PortalUser.objects.create(portal=quiet, user_id=1)
+
+    def calls(
+        portal: Portal, count: int, hours_ago: float, error: str = "", status: int = 200
+    ) -> None:
+        for _ in range(count):
+            RestCall.objects.create(
+                member_id=portal.member_id,
+                method="tasks.flow.Flow.pin",
+                http_status=status,
+                error=error,
+                created_at=now - timedelta(hours=hours_ago),
+            )
+
+    # Within the last day on `busy`: 5 fine, 3 rate-limited (503), 2 other errors -> 10 calls.
+    calls(busy, 5, hours_ago=2)
+    calls(busy, 3, hours_ago=3, error="QUERY_LIMIT_EXCEEDED", status=503)
+    calls(busy, 2, hours_ago=4, error="ACCESS_DENIED", status=403)
+    newest = RestCall.objects.create(
+        member_id=busy.member_id,
+        method="batch",
+        http_status=200,
+        created_at=now - timedelta(hours=1),
+    )
+    # Two days ago on `busy` (outside the default window): 7 calls, 6 of them rate-limited.
+    calls(busy, 1, hours_ago=48)
+    calls(busy, 6, hours_ago=49, error="QUERY_LIMIT_EXCEEDED", status=503)
+    # Another portal's calls are its own.
+    calls(quiet, 1, hours_ago=30, error="QUERY_LIMIT_EXCEEDED", status=503)
+
+    table = _portals_table()
+    assert sorted(table) == ["busy.bitrix24.com", "quiet.bitrix24.com"]
+    assert table["busy.bitrix24.com"] == {
+        "domain": "busy.bitrix24.com",
+        "member_id": "a" * 12,
+        "state": "needs_reinstall !",
+        "users": "4",
+        "reopen": "2",
+        "calls": "11",
+        "errors": "5",
+        "503s": "3",
+        "last_call": newest.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        "reason": "PAYMENT_REQUIRED: x",
+    }
+    assert table["quiet.bitrix24.com"] == {
+        "domain": "quiet.bitrix24.com",
+        "member_id": "b" * 12,
+        "state": "active",
+        "users": "1",
+        "reopen": "0",
+        "calls": "0",
+        "errors": "0",
+        "503s": "0",
+        "last_call": "never",
+    }
+
+    wider = _portals_table("--hours", "72")
+    assert [wider["busy.bitrix24.com"][c] for c in ("calls", "errors", "503s")] == ["18", "11", "9"]
+    assert [wider["quiet.bitrix24.com"][c] for c in ("calls", "errors", "503s")] == ["1", "1", "1"]
+
+
+def test_the_portals_command_says_when_no_portal_is_installed() -> None:
     out = StringIO()
     call_command("portals", stdout=out)
-    text = out.getvalue()
-    assert state(sandbox)["domain"] in text
-    assert "needs_reinstall" in text and "PAYMENT_REQUIRED" in text
-    line = next(row for row in text.splitlines() if state(sandbox)["domain"] in row)
-    assert " 1 " in line  # the installer's batch call is counted
+    assert out.getvalue().splitlines()[2:] == ["(no portals installed yet)"]
 
 
 @pytest.mark.services

@@ -14,8 +14,9 @@ from django.test import Client
 from b24app.models import Portal
 from b24app.redisconn import redis_client
 from flows import apiauth, listing, page, snapshots, tasks
+from flows.models import Flow
 from tests.flows.conftest import USER
-from tests.helpers import api, install, open_app, sb
+from tests.helpers import api, install, open_app, sb, state, visible_to, worker_paused
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -190,3 +191,78 @@ def test_the_page_script_gets_russian_plural_forms_it_can_pick_from(n: int, expe
     index = plurals["index"]
     form = int(index[n] if n < 200 else index[100 + n % 100])
     assert plurals["forms"]["pinned_n"][form].replace("%(count)s", str(n)) == expected
+
+
+def _rest(sandbox: Any) -> dict[str, Any]:
+    counters = state(sandbox)["counters"]
+    return {"requests": counters["requests"], **counters["calls"]}
+
+
+def test_without_flow_list_a_list_takes_one_request_per_50_tasks_and_per_50_flows(
+    sandbox: Any,
+) -> None:
+    """An older portal: the flows of the user's tasks (pages of 50) and every flow known on the
+    portal, read with Flow.get 50 to a batch request — never a request per flow."""
+    with worker_paused():  # nothing but the fetch below talks to the portal meanwhile
+        client = Client()
+        install(client, sandbox)
+        # Flows with tasks: user 2 is responsible for one task of each (and not for the others).
+        sb(sandbox, "p/alpha/flows", {"count": 100, "access": ["U2"], "tasks_per_flow": 3})
+        open_app(client, sandbox, 1)  # the admin's list teaches the app every flow
+        open_app(client, sandbox, USER)
+        sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})
+        portal = Portal.objects.get()
+        with sandbox.state.lock:  # the seeded data, by the sandbox's own visibility rule
+            seeded = sandbox.state.portals["alpha"]
+            user = seeded.users[USER]
+            task_flows = [
+                t.flow_id
+                for t in seeded.tasks.values()
+                if t.flow_id and seeded.can_see_task(user, t)
+            ]
+        known = set(Flow.objects.filter(portal=portal).values_list("flow_id", flat=True))
+        asked = known | set(task_flows)
+        assert len(task_flows) > 100 and len(asked) > 100  # several pages of each
+        before = _rest(sandbox)
+        listing.refresh(portal.pk, USER, force=True)
+        after = _rest(sandbox)
+    spent = {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+    pages = max(1, -(-len(task_flows) // 50))  # `next` until the last page
+    batches = -(-len(asked) // 50)
+    assert spent == {
+        "requests": 1 + pages + batches,  # Flow.list, refused as unknown, is the first
+        "tasks.task.list": pages,
+        "batch": batches,
+        "tasks.flow.Flow.get": len(asked),
+    }
+    snap = snapshots.get(portal, USER)
+    assert snap is not None and snap.source == "tasks"
+    assert sorted(f.flow_id for f in snap.flows) == visible_to(sandbox, USER)
+
+
+def test_on_an_older_portal_a_flow_without_a_task_is_added_by_its_link_and_remembered(
+    sandbox: Any,
+) -> None:
+    client = Client()
+    install(client, sandbox)
+    sb(sandbox, "config", {"portal": "alpha", "flow_list_enabled": False})
+    no_task = sb(sandbox, "p/alpha/flow", {"name": "Без задач", "access": ["U2"]})["created"]
+    hidden = sb(sandbox, "p/alpha/flow", {"name": "Не для него", "access": ["U3"]})["created"]
+    token = open_app(client, sandbox, USER)
+    portal = Portal.objects.get()
+    shown = [row["id"] for row in api(client, token, "GET", "/flows/api/rows").json()["rows"]]
+    assert no_task in visible_to(sandbox, USER) and no_task not in shown  # no task: not found
+    link = f"https://alpha.example/workgroups/group/0/tasks/flow/?ID={no_task}"
+    added = api(client, token, "POST", "/flows/api/add", {"flow": link})
+    assert added.status_code == 200 and added.json()["flow"]["id"] == no_task
+    assert Flow.objects.get(portal=portal, flow_id=no_task).source == Flow.Source.USER
+    redis_client().delete(snapshots.snapshot_key(portal, USER), snapshots.meta_key(portal, USER))
+    listing.refresh(portal.pk, USER, force=True)  # a later list still has it: it is remembered
+    rows = [row["id"] for row in api(client, token, "GET", "/flows/api/rows").json()["rows"]]
+    assert no_task in rows
+    refused = api(client, token, "POST", "/flows/api/add", {"flow": str(hidden)})
+    assert refused.status_code == 404
+    assert not Flow.objects.filter(portal=portal, flow_id=hidden).exists()
+    assert hidden not in [
+        row["id"] for row in api(client, token, "GET", "/flows/api/rows").json()["rows"]
+    ]
