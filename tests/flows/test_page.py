@@ -15,6 +15,7 @@ from b24app.redisconn import redis_client
 from flows.models import Flow, PinIntent
 from flows.snapshots import snapshot_key
 from tests.helpers import install, open_page, page_token, sb, state, visible_to
+from tests.security.framing import frame_ancestors, portal_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,7 +56,7 @@ def test_flow_names_with_markup_render_as_text_and_the_frame_is_locked_to_the_po
     assert "<script>alert(1)</script>" in names  # carried as data, shown with textContent
     assert any(name.startswith("<b>Bold</b>") for name in names)
     csp = response["Content-Security-Policy"]
-    assert "frame-ancestors 'self' " + state(sandbox)["client_endpoint"].split("/p/")[0] in csp
+    assert frame_ancestors(response) == ["'self'", portal_origin(sandbox, "alpha")]
     assert "script-src 'self' 'nonce-" in csp and "unsafe-inline" not in csp.split("style-src")[0]
     assert "X-Frame-Options" not in response
     assert "Set-Cookie" not in response  # nothing in the frame depends on a third-party cookie
