@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from django.conf import settings
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import translation
@@ -62,6 +63,14 @@ def framed(request: HttpRequest, response: HttpResponse, portal_origin: str | No
     return response
 
 
+def _over_limits(exc: RequestDataTooBig | TooManyFieldsSent) -> Refused:
+    """Django's body limits (DATA_UPLOAD_MAX_*), raised when the view first reads the POST:
+    refused in words like every other refusal, rather than as Django's bare 400 page."""
+    if isinstance(exc, RequestDataTooBig):
+        return Refused(413, "The request is too large: Bitrix24 never sends one this big.")
+    return Refused(400, "The request has too many fields: Bitrix24 never sends that many.")
+
+
 def _describe(request: HttpRequest, what: str) -> HttpResponse:
     """GET/HEAD on a handler URL (the vendor console checks them with HEAD)."""
     return HttpResponse(
@@ -87,9 +96,10 @@ def entry(
                 return _describe(request, what)
             try:
                 return view(request)
-            except Refused as exc:
-                log.info("refused %s request: %s", what, exc.message)
-                return refusal(exc)
+            except (Refused, RequestDataTooBig, TooManyFieldsSent) as exc:
+                refused = exc if isinstance(exc, Refused) else _over_limits(exc)
+                log.info("refused %s request: %s", what, refused.message)
+                return refusal(refused)
             except RedisError:  # the cache, the shared rate limit and the queue live in Redis
                 log.warning("%s request: Redis is not answering", what)
                 return refusal(Refused(503, words(Problem.APP_UNAVAILABLE)))

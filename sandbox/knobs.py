@@ -45,6 +45,9 @@ class Knobs:
     # The portal stops running a batch at this position (-1: never) and its answer is lost: the
     # commands before it ran, the rest did not (a portal that died mid-request).
     batch_cut_at: int = -1
+    # Every REST call answers 302 to this base (+ the method, query kept) instead of running:
+    # a portal, or something in front of it, sending the app elsewhere ("" = never).
+    rest_redirect: str = ""
     seed: int = 0
 
 
@@ -95,6 +98,12 @@ def coerce_knob(name: str, value: Any) -> Any:
         raise KnobError(f"knob {name!r} must be >= 0")
     if name in ("batch_fail_at", "batch_cut_at") and not -1 <= result < 50:
         raise KnobError(f"knob {name!r} must be a batch position (0..49) or -1")
+    if name == "rest_redirect" and result and not _is_rest_base(result):
+        raise KnobError("knob 'rest_redirect' must be an http(s) URL ending in /rest/, or empty")
     if name == "pin_error_status" and not 200 <= result <= 599:
         raise KnobError("knob 'pin_error_status' must be an HTTP status (200..599)")
     return result
+
+
+def _is_rest_base(url: str) -> bool:
+    return url.startswith(("http://", "https://")) and url.endswith("/rest/")

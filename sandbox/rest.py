@@ -4,7 +4,7 @@ Order of processing for one HTTP request (each step can end the request):
 
 1. portal lookup - an old host/name after a rename gets ``302`` to the new address (query
    kept); with distinct hosts, a request on another host than the portal's gets 404
-   ``NOT_FOUND`` ("wrong host");
+   ``NOT_FOUND`` ("wrong host"); the ``rest_redirect`` knob answers ``302`` to its base;
 2. ``latency_ms`` sleep (outside the lock);
 3. ``portal_deleted`` -> 500 ``PORTAL_DELETED``;
 4. ``error_5xx_ratio`` -> 500 ``INTERNAL_SERVER_ERROR`` (JSON) or 502 (nginx HTML), before
@@ -78,6 +78,18 @@ def wrong_host(state: SandboxState, name: str, host: str, portal: Portal | None)
     )
 
 
+def _knob_redirect(
+    state: SandboxState, portal: Portal, method_name: str, req: Request
+) -> Reply | None:
+    """The ``rest_redirect`` knob: 302 to that base + the method (query kept), nothing run.
+    Counted in ``counters.http_status["302"]``."""
+    base = state.knobs_for(portal).rest_redirect
+    if not base:
+        return None
+    query = f"?{req.query}" if req.query else ""
+    return _record(portal, Reply.redirect(f"{base}{method_name}{query}"))
+
+
 def handle_portal_rest(
     state: SandboxState, portal_name: str, method_name: str, req: Request
 ) -> Reply:
@@ -91,6 +103,9 @@ def handle_portal_rest(
             return wrong_host(state, portal_name, req.local_host, portal)
         if portal is None:
             return Reply.error(404, "PORTAL_NOT_FOUND", f"Portal {portal_name!r} does not exist")
+        redirect = _knob_redirect(state, portal, method_name, req)
+        if redirect is not None:
+            return redirect
         latency = state.knobs_for(portal).latency_ms
     if req.method == "OPTIONS":
         return Reply(status=204, body=b"", headers=dict(CORS_HEADERS))

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import pytest
+from django.core import signing
+from django.core.signing import b62_encode
 from django.test import Client
 
 from b24app.models import Portal
 from b24app.redisconn import redis_client
 from flows.models import Flow, PinIntent
 from flows.snapshots import snapshot_key
-from tests.helpers import install, open_page, page_token, sb, state, visible_to
+from tests.helpers import (
+    api,
+    install,
+    open_page,
+    page_token,
+    portal_pins,
+    sb,
+    state,
+    visible_to,
+)
+from tests.security.framing import frame_ancestors, portal_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -55,7 +68,7 @@ def test_flow_names_with_markup_render_as_text_and_the_frame_is_locked_to_the_po
     assert "<script>alert(1)</script>" in names  # carried as data, shown with textContent
     assert any(name.startswith("<b>Bold</b>") for name in names)
     csp = response["Content-Security-Policy"]
-    assert "frame-ancestors 'self' " + state(sandbox)["client_endpoint"].split("/p/")[0] in csp
+    assert frame_ancestors(response) == ["'self'", portal_origin(sandbox, "alpha")]
     assert "script-src 'self' 'nonce-" in csp and "unsafe-inline" not in csp.split("style-src")[0]
     assert "X-Frame-Options" not in response
     assert "Set-Cookie" not in response  # nothing in the frame depends on a third-party cookie
@@ -168,3 +181,34 @@ def test_a_user_adds_a_flow_by_its_link_and_it_is_remembered(sandbox: Any) -> No
         HTTP_X_FLOWPINS_TOKEN=token,
     )
     assert garbage.status_code == 400
+
+
+def test_a_page_left_open_past_its_token_lifetime_is_refused_and_changes_nothing(
+    sandbox: Any, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A genuine page token, signed by the app when it rendered the page, but longer ago than
+    FLOWPINS_PAGE_TOKEN_SECONDS: its clicks are refused in words and record nothing."""
+    client = Client()
+    install(client, sandbox)
+    rendered_at = int(time.time()) - settings.FLOWPINS_PAGE_TOKEN_SECONDS - 60
+    with monkeypatch.context() as past:  # Django's signing clock only: the page is rendered
+        past.setattr(signing.TimestampSigner, "timestamp", lambda _: b62_encode(rendered_at))
+        stale = page_token(open_page(client, sandbox, 2))
+    flow_id = visible_to(sandbox, 2)[0]
+    pins, flows = portal_pins(sandbox, 2), list(Flow.objects.values_list("flow_id", "name"))
+
+    for method, path, body in (
+        ("POST", "/flows/api/pin", {"flow_id": flow_id, "pinned": True}),
+        ("GET", "/flows/api/status", None),
+        ("GET", "/flows/api/rows", None),
+    ):
+        answer = api(client, stale, method, path, body)
+        assert answer.status_code == 401, (path, answer.content[:300])
+        assert answer.json() == {"error": "This page has expired: please reopen the app."}
+
+    assert not PinIntent.objects.exists()
+    assert list(Flow.objects.values_list("flow_id", "name")) == flows
+    assert portal_pins(sandbox, 2) == pins
+    # The same user's page opened now is served: only the token's age was refused.
+    fresh = page_token(open_page(client, sandbox, 2))
+    assert api(client, fresh, "GET", "/flows/api/status").status_code == 200

@@ -13,6 +13,7 @@ import pytest
 from b24app.models import Portal, PortalUser
 from flows.models import Flow, PinIntent
 from tests.helpers import settle_background_work
+from tests.security.publicnet import public_net  # noqa: F401  (a fixture)
 
 
 class Recorder:

@@ -124,7 +124,7 @@ CASES: list[Any] = [
     pytest.param(
         lambda a: a.frame("install", PLACEMENT_OPTIONS="{not json"), 400, id="install-bad-options"
     ),
-    pytest.param(lambda a: _oversized(a, "/b24/install/"), 400, id="install-oversized"),
+    pytest.param(lambda a: _oversized(a, "/b24/install/"), 413, id="install-oversized"),
     pytest.param(
         lambda a: a.post_form("/b24/install/", b"\x00\xff\xfe%%%&&==" * 50),
         400,
@@ -154,7 +154,7 @@ CASES: list[Any] = [
     pytest.param(lambda a: _http_oauth_server(a, "app"), 403, id="app-http-endpoint"),
     pytest.param(lambda a: _another_app(a, "app"), 403, id="app-another-apps-token"),
     pytest.param(_bad_options, 400, id="app-bad-PLACEMENT_OPTIONS"),
-    pytest.param(lambda a: _oversized(a, "/b24/app/"), 400, id="app-oversized"),
+    pytest.param(lambda a: _oversized(a, "/b24/app/"), 413, id="app-oversized"),
     pytest.param(lambda a: _too_many_fields(a, "/b24/app/"), 400, id="app-too-many-fields"),
     # --- events ---
     pytest.param(
@@ -194,7 +194,7 @@ CASES: list[Any] = [
     pytest.param(_event_from_another_app, 403, id="event-another-apps-token"),
     pytest.param(
         lambda a: a.post_form("/b24/events/", "event=ONAPPUNINSTALL&" + "x=" + "A" * 300_000),
-        400,
+        413,
         id="event-oversized",
     ),
     pytest.param(

@@ -12,6 +12,7 @@ import pytest
 from django.test import Client
 
 from tests.helpers import install, launch, open_page, post_frame, sb, state
+from tests.security.framing import portal_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -98,7 +99,7 @@ def test_every_page_carries_a_strict_csp_and_nosniff(sandbox: Any) -> None:
     client = Client()
     installer = install(client, sandbox)
     page = post_frame(client, launch(sandbox, "alpha", 2, lang="en"))
-    origin = state(sandbox)["client_endpoint"].split("/p/")[0]
+    origin = portal_origin(sandbox, "alpha")  # where the portal's page is, not what we stored
     for response in (installer, page):
         csp = response["Content-Security-Policy"]
         directives = dict(d.strip().split(" ", 1) for d in csp.split(";") if d.strip())
