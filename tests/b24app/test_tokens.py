@@ -256,3 +256,35 @@ def test_an_idle_chain_is_refreshed_before_its_refresh_token_dies(sandbox: Any) 
     assert state(sandbox)["counters"]["refresh_ok"] == 1
     assert tokens.keep_idle_tokens_alive() == 0  # and not again the next hour
     assert _profile(fresh)["ID"] == "2"
+
+
+def test_query_limit_exceeded_from_the_portal_holds_every_caller_back(sandbox: Any) -> None:
+    """The portal's bucket is smaller than ours (another app on our IP, a lower plan): it
+    answers 503 QUERY_LIMIT_EXCEEDED. Then our shared bucket counts as full, so the next caller
+    — any process — waits at least one interval instead of hitting the portal at once."""
+    install(Client(), sandbox)
+    sb(sandbox, "config", {"portal": "alpha", "rate": 0.5, "burst": 1})  # we assume 2/s, 50
+    user = PortalUser.objects.get(user_id=1)
+    refused = None
+    for _ in range(3):  # the install's calls may have filled the portal's bucket already
+        try:
+            _profile(user)
+        except errors.RateLimited as exc:
+            refused = exc
+            break
+    assert refused is not None and refused.code == "QUERY_LIMIT_EXCEEDED"
+    assert RestCall.objects.filter(error="QUERY_LIMIT_EXCEEDED").exists()
+    asked = state(sandbox)["counters"]["requests"]
+    with pytest.raises(errors.RateLimited) as held:  # a caller that may not wait at all
+        tokens.call_with_user(user, lambda c, t: c.call("profile", token=t).result, max_wait=0)
+    assert held.value.code == "LOCAL_RATE_LIMIT" and held.value.retry_after > 0
+    assert state(sandbox)["counters"]["requests"] == asked  # the portal was not asked
+    # A caller that may wait gets through once the portal's bucket has drained.
+    sb(sandbox, "config", {"portal": "alpha", "rate": 50})
+    assert (
+        tokens.call_with_user(user, lambda c, t: c.call("profile", token=t).result, max_wait=30)[
+            "ID"
+        ]
+        == "1"
+    )
+    assert state(sandbox)["counters"]["http_503"] >= 1
