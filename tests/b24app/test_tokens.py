@@ -18,6 +18,10 @@ from b24app import tokens
 from b24app.bitrix import errors, oauth
 from b24app.bitrix.errors import ReinstallRequired, ReopenRequired
 from b24app.models import Portal, PortalUser, RestCall
+from b24app.problems import Problem
+from flows import converge, intents
+from flows.models import PinIntent
+from flows.outcome import Kind
 from tests.helpers import install, launch, post_frame, sb, settle_background_work, state
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
@@ -288,3 +292,77 @@ def test_query_limit_exceeded_from_the_portal_holds_every_caller_back(sandbox: A
         == "1"
     )
     assert state(sandbox)["counters"]["http_503"] >= 1
+
+
+def test_a_lost_refresh_answer_asks_the_user_to_reopen_once_without_looping_or_leaking(
+    sandbox: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The OAuth server rotated the user's refresh token, and its answer never reached us: the
+    only refresh token we hold is spent. The call fails as an outage (we cannot know yet);
+    the next one asks once more, learns the chain is dead (invalid_grant) and asks the user to
+    reopen the app; after that, nothing is sent until they do. No token reaches the logs."""
+    caplog.set_level(logging.DEBUG)
+    client = Client()
+    install(client, sandbox)
+    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200
+    settle_background_work()
+    user = PortalUser.objects.get(user_id=2)
+    spent = (user.access_token, user.refresh_token)
+    sb(sandbox, "p/alpha/expire", {"user_id": 2})
+    sb(sandbox, "config", {"portal": "alpha", "refresh_drop_ratio": 1.0})
+
+    with pytest.raises(errors.TransientError):
+        _profile(user)
+    truth = state(sandbox)["counters"]
+    assert (truth["refresh_ok"], truth["refresh_dropped"]) == (1, 1)  # rotated, answer lost
+    user.refresh_from_db()
+    assert user.state == PortalUser.State.ACTIVE  # not concluded from a lost answer alone
+
+    sb(sandbox, "config", {"portal": "alpha", "refresh_drop_ratio": None})
+    with pytest.raises(ReopenRequired):
+        _profile(user)
+    user.refresh_from_db()
+    assert user.state == PortalUser.State.NEEDS_REOPEN and "invalid_grant" in user.state_reason
+    assert user.access_token == "" and user.refresh_token == ""
+    truth = state(sandbox)["counters"]
+    assert truth["refresh_failed"] == 1  # one refresh with the spent token, no more
+    for _ in range(3):  # and no traffic at all until the user reopens the app
+        with pytest.raises(ReopenRequired):
+            _profile(user)
+    again = state(sandbox)["counters"]
+    assert (again["requests"], again["refresh_failed"]) == (truth["requests"], 1)
+
+    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200  # reopened
+    assert _profile(PortalUser.objects.get(user_id=2))["ID"] == "2"
+    text = caplog.text + "".join(str(r.args) for r in caplog.records)
+    for secret in (*spent, "sandbox-client-secret"):
+        assert secret and secret not in text
+
+
+def test_a_click_whose_refresh_answer_is_lost_ends_in_reopen_after_one_retry(
+    sandbox: Any,
+) -> None:
+    """The same lost refresh answer under a convergence run: the run backs off like an outage,
+    the next one learns the chain is dead and fails the pin with "reopen the app" — it does
+    not toggle, and does not try again by itself."""
+    client = Client()
+    install(client, sandbox)
+    assert post_frame(client, launch(sandbox, "alpha", 2)).status_code == 200
+    settle_background_work()
+    portal = Portal.objects.get()
+    flow = next(f["id"] for f in state(sandbox)["flows"] if 2 in f["visible_to"])
+    intents.set_desired(portal, 2, [flow], True)
+    sb(sandbox, "p/alpha/expire", {"user_id": 2})
+    sb(sandbox, "config", {"portal": "alpha", "refresh_drop_ratio": 1.0})
+
+    first = converge.converge_user(portal.pk, 2)
+    assert first.kind is Kind.RETRY, first
+    sb(sandbox, "config", {"portal": "alpha", "refresh_drop_ratio": None})
+    second = converge.converge_user(portal.pk, 2)
+    assert second.kind is Kind.FINAL, second
+    intent = PinIntent.objects.get()
+    assert (intent.status, intent.problem) == (PinIntent.Status.FAILED, Problem.REOPEN)
+    truth = state(sandbox)["counters"]
+    assert truth["pin_toggles"] == 0 and truth["refresh_failed"] == 1
+    assert converge.converge_user(portal.pk, 2).kind is Kind.DONE  # nothing left to try
+    assert state(sandbox)["counters"]["requests"] == truth["requests"]
