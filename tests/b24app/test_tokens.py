@@ -22,7 +22,15 @@ from b24app.problems import Problem
 from flows import converge, intents
 from flows.models import PinIntent
 from flows.outcome import Kind
-from tests.helpers import install, launch, post_frame, sb, settle_background_work, state
+from tests.helpers import (
+    install,
+    launch,
+    post_frame,
+    sb,
+    settle_background_work,
+    state,
+    worker_paused,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 
@@ -113,6 +121,13 @@ def test_payment_required_marks_the_portal_for_the_admin(sandbox: Any) -> None:
 
 @pytest.mark.services
 def test_a_burst_of_200_calls_never_meets_a_503_and_spares_other_portals(sandbox: Any) -> None:
+    # No worker job may call either portal meanwhile (a list refresh the installs queued, still
+    # paced at the default 2/s): the buckets must hold only this test's calls.
+    with worker_paused():
+        _burst_of_200_spares_other_portals(sandbox)
+
+
+def _burst_of_200_spares_other_portals(sandbox: Any) -> None:
     client = Client()
     install(client, sandbox, "alpha")
     install(client, sandbox, "beta")
@@ -171,7 +186,8 @@ def test_a_burst_of_200_calls_never_meets_a_503_and_spares_other_portals(sandbox
         side.join()
     close_old_connections()
     assert not beta_failures, beta_failures  # beta never waited on alpha's bucket
-    assert len(beta_answers) >= 3 and all(r["ID"] == "1" for r in beta_answers)
+    assert len(beta_answers) >= 3, beta_answers  # beta called while alpha was busy
+    assert all(r["ID"] == "1" for r in beta_answers)
     assert len(results) == 200 and all(r["ID"] == "1" for r in results)
     assert state(sandbox, "alpha")["counters"]["http_503"] == 0
     assert state(sandbox, "beta")["counters"]["http_503"] == 0
