@@ -155,11 +155,13 @@ class PortalClient:
                 )
             else:
                 errors[key] = BadRequest("ERROR", str(err))
+        times = as_dict(outer.get("result_time"))
         for key, err in errors.items():
             if isinstance(err, OperationTimeLimit):
                 method = commands[key][0] if key in commands else ""
-                reset = reset_at(as_dict(outer.get("result_time")).get(key))
-                MethodPause(self.member_id, method).pause_until(reset)
+                MethodPause(self.member_id, method).pause_until(
+                    _batch_reset_at(key, method, commands, times)
+                )
         return BatchResult(
             results=results,
             errors=errors,
@@ -307,6 +309,28 @@ class PortalClient:
             )
         except Exception:  # the call log must never break a call
             log.warning("could not record REST call metadata", exc_info=True)
+
+
+def _batch_reset_at(
+    key: str,
+    method: str,
+    commands: Mapping[str, tuple[str, Mapping[str, Any]]],
+    times: Mapping[str, Any],
+) -> float:
+    """When a method refused inside a batch (OPERATION_TIME_LIMIT) may be called again.
+
+    A refused command's entry carries no `time` block of its own; the commands of the same
+    method that ran before it do, and their `operating_reset_at` is when the oldest counted
+    minute leaves the window — the docs' "first retry at the last operating_reset_at". With
+    neither, a minute (one bucket of the window)."""
+    if isinstance(times.get(key), Mapping):
+        return reset_at(times[key])
+    same = [
+        times[other]
+        for other, (name, _) in commands.items()
+        if name == method and isinstance(times.get(other), Mapping)
+    ]
+    return max((reset_at(block) for block in same), default=reset_at(None))
 
 
 def _sent_but_lost(exc: requests.exceptions.ConnectionError) -> bool:

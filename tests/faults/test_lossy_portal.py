@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 from django.test import Client
 
+from b24app.models import RestCall
+from b24app.problems import Problem
+from flows.models import PinIntent
 from tests.faults.drive import assert_all_done_and_true, click, desired_pins, wait_settled
 from tests.helpers import install, open_app, portal_pins, sb, state, visible_to
 
@@ -146,3 +149,78 @@ def test_when_answers_stop_being_lost_the_pins_settle_within_seconds(
     assert portal_pins(sandbox, 2) == set(flows) == desired_pins(intents, 2)
     assert_all_done_and_true(intents)
     print(f"recovered {took:.1f} s after the fault stopped ({lost} lost answers before)")
+
+
+def test_a_portal_that_answers_query_limit_exceeded_gets_every_pin_in_the_end(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    """The portal's bucket is far smaller than the one we keep (another app on our IP): it
+    answers 503 QUERY_LIMIT_EXCEEDED and runs nothing. The runs wait as it asks, the page says
+    "waiting for the portal's rate limit" (not "not answering") meanwhile, and every pin lands."""
+    client = Client()
+    install(client, sandbox)
+    tokens = {user: open_app(client, sandbox, user) for user in (2, 3)}
+    f2, f3 = visible_to(sandbox, 2)[:4], visible_to(sandbox, 3)[:3]
+    sb(sandbox, "p/alpha/pins", {"user_id": 2, "flow_ids": [f2[0]], "pinned": True})
+    sb(sandbox, "config", {"portal": "alpha", "rate": 0.5, "burst": 1})  # we assume 2/s, 50
+    for flow in f2:  # row by row: several runs and rounds at once
+        assert click(client, tokens[2], [flow], True).status_code == 202
+    assert click(client, tokens[3], f3, True).status_code == 202
+
+    problems: set[str] = set()
+    deadline = time.monotonic() + 60
+    while PinIntent.objects.filter(status=PinIntent.Status.PENDING).exists():
+        assert time.monotonic() < deadline, "pins still pending after 60 s"
+        problems |= set(PinIntent.objects.values_list("problem", flat=True))
+        time.sleep(0.05)
+    intents = wait_settled(5, expected=len(f2) + len(f3))
+
+    assert portal_pins(sandbox, 2) == desired_pins(intents, 2) == set(f2)
+    assert portal_pins(sandbox, 3) == desired_pins(intents, 3) == set(f3)
+    assert_all_done_and_true(intents)
+    assert state(sandbox)["counters"]["http_503"] >= 1, "the portal never refused"
+    assert RestCall.objects.filter(error="QUERY_LIMIT_EXCEEDED").exists()
+    assert Problem.RATE_LIMITED in problems and Problem.UNAVAILABLE not in problems, problems
+
+
+def test_operation_time_limit_inside_a_batch_waits_for_the_reset_and_toggles_each_flow_once(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    """ "Pin all" over six flows is one batch; the portal's operating-time budget for the pin
+    method runs out after three of them, and the other three answer OPERATION_TIME_LIMIT (not
+    run). Those wait for the window to reset — the portal is not asked again meanwhile — and
+    then are toggled, once each."""
+    client = Client()
+    install(client, sandbox)
+    token = open_app(client, sandbox, 2)
+    flows = visible_to(sandbox, 2)[:6]
+    # Each pin "costs" 1 s of operating time, the budget is 2.5 s over a window of ten buckets
+    # of 0.5 s: the fourth pin is refused, and the budget is back within 5 s.
+    sb(
+        sandbox,
+        "config",
+        {
+            "portal": "alpha",
+            "operating_cost": 1,
+            "operating_limit": 2.5,
+            "operating_bucket_seconds": 0.5,
+        },
+    )
+    assert click(client, token, flows, True).status_code == 202  # "Pin all": one batch
+    problems: set[str] = set()
+    started = time.monotonic()
+    while PinIntent.objects.filter(status=PinIntent.Status.PENDING).exists():
+        # A minute's wait (no reset time known) would be far over this.
+        assert time.monotonic() - started < 30, "pins still pending after 30 s"
+        problems |= set(PinIntent.objects.values_list("problem", flat=True))
+        time.sleep(0.05)
+    intents = wait_settled(5, expected=len(flows))
+
+    assert portal_pins(sandbox, 2) == desired_pins(intents, 2) == set(flows)
+    assert_all_done_and_true(intents)
+    truth = state(sandbox)
+    toggled = [e["flow_id"] for e in truth["pin_log"] if e["user_id"] == 2]
+    assert sorted(toggled) == flows  # each flow once: a refused command did not run
+    # Refused inside the batch, three times, and never again: the method waited for the reset.
+    assert truth["counters"]["errors"].get("OPERATION_TIME_LIMIT") == 3, truth["counters"]
+    assert Problem.RATE_LIMITED in problems, problems

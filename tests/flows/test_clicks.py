@@ -4,6 +4,7 @@ in flight; refusals still in words, with nothing stored."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -12,10 +13,13 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
 from b24app import lifecycle
+from b24app.redisconn import redis_client
 from flows import tasks
 from flows.models import PinIntent
+from tests.faults.drive import assert_all_done_and_true, wait_settled
+from tests.faults.stack import wait_until
 from tests.flows.conftest import USER
-from tests.helpers import visible_to
+from tests.helpers import portal_pins, sb, state, visible_to
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,3 +103,63 @@ def test_unknown_flows_and_a_gone_portal_store_nothing_and_say_why(
     assert gone.status_code == 403
     assert "not installed on this portal" in gone.json()["error"]
     assert PinIntent.objects.count() == 0 and runs_queued == []
+
+
+# How long the portal takes over each request in the in-flight test: the window clicks land in.
+IN_FLIGHT_SECONDS = 2.5
+
+
+@pytest.mark.services
+@pytest.mark.parametrize(
+    ("in_flight", "toggles"),
+    [
+        # Back to the state the toggle on its way leaves behind: nothing more to send.
+        ([True, False], [False]),
+        # Back to the state before it: exactly one more toggle, once its answer is in.
+        ([True, False, True], [False, True]),
+    ],
+)
+def test_clicks_while_a_toggle_is_at_the_portal_end_in_the_last_click_and_toggle_no_more(
+    sandbox: Any,
+    opened: dict[str, Any],
+    celery_worker_process: Any,
+    in_flight: list[bool],
+    toggles: list[bool],
+) -> None:
+    """Pinned, then unpin, and while that toggle is still running at the portal, pin, unpin …
+    The clicks change the intent only; the answer of the toggle on its way tells the state, and
+    the portal ends in the last click with no toggle more than that needs."""
+    client, token, portal = opened["client"], opened["token"], opened["portal"]
+    flow = visible_to(sandbox, USER)[0]
+
+    def log() -> list[dict[str, Any]]:
+        return [
+            e for e in state(sandbox)["pin_log"] if (e["user_id"], e["flow_id"]) == (USER, flow)
+        ]
+
+    assert click(client, token, {"flow_id": flow, "pinned": True}).status_code == 202
+    wait_settled(30)
+    assert portal_pins(sandbox, USER) == {flow} and len(log()) == 1  # pinned, and we know it
+
+    sb(sandbox, "config", {"portal": "alpha", "latency_ms": IN_FLIGHT_SECONDS * 1000})
+    assert click(client, token, {"flow_id": flow, "pinned": False}).status_code == 202
+    lock = f"fp:conv:{portal.pk}:{USER}"
+    wait_until(lambda: redis_client().exists(lock), 20, "the run that sends the unpin")
+    time.sleep(0.3)  # the run has sent it: the portal holds it for IN_FLIGHT_SECONDS
+    clicked = []
+    for pinned in in_flight:
+        clicked.append(time.time())  # the sandbox's clock is this machine's
+        assert click(client, token, {"flow_id": flow, "pinned": pinned}).status_code == 202
+    intents = wait_settled(60)
+    # Judge once the unpin has landed: until then the portal may look right.
+    sent = wait_until(lambda: log()[1:], 20, "the unpin to land")
+    sb(sandbox, "config", {"portal": "alpha", "latency_ms": None})
+    time.sleep(0.5)  # a toggle sent after it would land by now
+    sent = log()[1:]
+    # The unpin landed after every click above, and the portal had it before the first: each
+    # click was made while the toggle was running at the portal.
+    landed = sent[0]["ts"]
+    assert landed - IN_FLIGHT_SECONDS < clicked[0] and clicked[-1] < landed, (clicked, sent)
+    assert portal_pins(sandbox, USER) == ({flow} if in_flight[-1] else set())
+    assert_all_done_and_true(intents)
+    assert [e["pinned"] for e in sent] == toggles, sent  # no toggle more than needed
