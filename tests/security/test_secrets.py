@@ -38,11 +38,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 class BrokerTap:
-    """Every command the Redis server executes while the tap is open (MONITOR), with the
+    """Every command the Redis server executes on this run's database while the tap is open
+    (MONITOR sees every database of the server: another run's traffic is left out), with the
     base64 bodies of Celery messages decoded, so a token inside a task's arguments shows."""
 
     def __init__(self, url: str) -> None:
         self.client = redis_lib.Redis.from_url(url)
+        self.db = int(self.client.connection_pool.connection_kwargs.get("db", 0))
         self.monitor = self.client.monitor()
         self.monitor.__enter__()
         self.commands: list[str] = []
@@ -52,7 +54,8 @@ class BrokerTap:
     def _listen(self) -> None:
         try:
             for command in self.monitor.listen():
-                self.commands.append(command["command"])
+                if command["db"] == self.db:
+                    self.commands.append(command["command"])
         except Exception:  # the connection was closed by stop()
             return
 
