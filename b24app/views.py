@@ -63,12 +63,16 @@ def framed(request: HttpRequest, response: HttpResponse, portal_origin: str | No
     return response
 
 
-def _over_limits(exc: RequestDataTooBig | TooManyFieldsSent) -> Refused:
-    """Django's body limits (DATA_UPLOAD_MAX_*), raised when the view first reads the POST:
-    refused in words like every other refusal, rather than as Django's bare 400 page."""
+OVER_LIMITS = (RequestDataTooBig, TooManyFieldsSent)
+
+
+def over_limits(exc: RequestDataTooBig | TooManyFieldsSent, sender: str = "Bitrix24") -> Refused:
+    """Django's request limits (DATA_UPLOAD_MAX_*), raised when a view first reads the body,
+    the POST or the query: refused in words like every other refusal, rather than as Django's
+    bare 400 page. The page's JSON API (flows.apiauth) answers them the same way."""
     if isinstance(exc, RequestDataTooBig):
-        return Refused(413, "The request is too large: Bitrix24 never sends one this big.")
-    return Refused(400, "The request has too many fields: Bitrix24 never sends that many.")
+        return Refused(413, f"The request is too large: {sender} never sends one this big.")
+    return Refused(400, f"The request has too many fields: {sender} never sends that many.")
 
 
 def _describe(request: HttpRequest, what: str) -> HttpResponse:
@@ -96,8 +100,8 @@ def entry(
                 return _describe(request, what)
             try:
                 return view(request)
-            except (Refused, RequestDataTooBig, TooManyFieldsSent) as exc:
-                refused = exc if isinstance(exc, Refused) else _over_limits(exc)
+            except (Refused, *OVER_LIMITS) as exc:
+                refused = exc if isinstance(exc, Refused) else over_limits(exc)
                 log.info("refused %s request: %s", what, refused.message)
                 return refusal(refused)
             except RedisError:  # the cache, the shared rate limit and the queue live in Redis

@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem, Refused, words
+from b24app.views import OVER_LIMITS, over_limits
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ def api(view: Any, *, lookup: bool = True) -> Any:
             return response
         except Refused as exc:
             return JsonResponse({"error": exc.message}, status=exc.status)
+        except OVER_LIMITS as exc:  # a body past the cap, a query with too many fields
+            refused = over_limits(exc, sender="the app's page")
+            return JsonResponse({"error": refused.message}, status=refused.status)
         except RedisError:  # the shared rate limit and the queue live in Redis
             log.warning("%s: Redis is not answering", view.__name__)
             return JsonResponse({"error": words(Problem.APP_UNAVAILABLE)}, status=503)

@@ -44,6 +44,32 @@ def _allowed_schemes() -> tuple[str, ...]:
 _RESOLVED: dict[str, tuple[float, bool]] = {}
 _RESOLVE_TTL = 60.0
 
+# NAT64's well-known prefix carries the IPv4 address in its last 32 bits (RFC 6052); the
+# local-use prefix of RFC 8215 is not globally reachable at all (and its layout is the
+# operator's), though Python 3.11 calls it global.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _is_public_address(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Global unicast, and so is any IPv4 address it embeds: a packet to `::127.0.0.1`,
+    `2002:7f00:1::1` (6to4) or `64:ff9b::7f00:1` (NAT64) ends at 127.0.0.1, yet Python 3.11's
+    `is_global` is True for all three. (IPv4-mapped `::ffff:a.b.c.d` and Teredo `2001::/32` are
+    already judged right by `is_global` itself.)"""
+    if not address.is_global or address.is_multicast:
+        return False
+    if not isinstance(address, ipaddress.IPv6Address):
+        return True
+    if address in _NAT64_LOCAL:
+        return False
+    embedded: list[ipaddress.IPv4Address] = []
+    if address.sixtofour is not None:
+        embedded.append(address.sixtofour)
+    if address in _NAT64 or address in _IPV4_COMPATIBLE:
+        embedded.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return all(_is_public_address(inner) for inner in embedded)
+
 
 def _is_public_host(host: str) -> bool:
     """True when every address the host resolves to is a public (global unicast) one.
@@ -62,7 +88,7 @@ def _is_public_host(host: str) -> bool:
     except (OSError, ValueError, UnicodeError):
         addresses = set()
         ttl = 5.0  # a resolver hiccup: refuse now, ask again soon
-    public = bool(addresses) and all(a.is_global and not a.is_multicast for a in addresses)
+    public = bool(addresses) and all(_is_public_address(a) for a in addresses)
     if len(_RESOLVED) > 10_000:
         _RESOLVED.clear()
     _RESOLVED[host] = (now + ttl, public)
