@@ -11,9 +11,11 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+import redis as redis_lib
 from django.test import Client
 from django.utils import timezone
 
+from b24app import redisconn
 from b24app.bitrix.errors import (
     BadRequest,
     OperationTimeLimit,
@@ -260,6 +262,10 @@ def test_a_retry_after_progress_forgets_the_outage_before_it(
     assert not redis_client.exists("fp:failures:5:6")
     negative = converge._next(5, 6, Outcome.retry(-3.0, "late", exact=True))
     assert negative.delay == pytest.approx(0.05)
+    # The marker outlives the wait.
+    assert converge.claim_queued(5, 6)
+    converge._next(5, 6, Outcome.retry(30.0, "rate limited", exact=True))
+    assert redis_client.ttl("fp:queued:5:6") == converge.QUEUED_TTL + 31
     # An outage backs off on the count of failures in a row, at least its own delay.
     redis_client.set("fp:failures:5:6", 2)
     outage = converge._next(5, 6, Outcome.retry(2.0, "portal unavailable"))
@@ -267,6 +273,22 @@ def test_a_retry_after_progress_forgets_the_outage_before_it(
     assert redis_client.get("fp:failures:5:6") == b"3"
     outage = converge._next(5, 6, Outcome.retry(9.0, "portal unavailable"))
     assert outage.delay == pytest.approx(9.0 * 1.5)
+
+
+def test_an_exact_retry_adds_at_most_a_hair(sandbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(converge.random, "uniform", lambda low, high: low)
+    assert converge._next(5, 7, Outcome.retry(2.0, "rate limited", exact=True)).delay == 2.0
+
+
+def test_a_click_landing_before_the_verdict_keeps_its_intent(sandbox: Any, opened: Portal) -> None:
+    flows = visible_to(sandbox, USER)[:1]
+    _want(opened, flows)
+    PinIntent.objects.update(observed=True)
+    pending = list(PinIntent.objects.all())  # read by the run: it agrees
+    _want(opened, flows, False)  # the user clicks again before the run closes it
+    stats = {"done": 0, "failed": 0}
+    converge._settle_agreed(pending, stats)
+    assert _status(opened) == {flows[0]: ("pending", "", True)}  # not closed as done
 
 
 def test_a_final_outcome_ends_the_run(sandbox: Any, opened: Portal, redis_client: Any) -> None:
@@ -315,6 +337,23 @@ def test_a_run_that_fails_unexpectedly_is_retried_not_lost(
     assert outcome.delay == 1.5
     assert redis_client.get(f"fp:unexpected:{opened.pk}:{USER}") == b"1"
     assert not redis_client.exists(f"fp:failures:{opened.pk}:{USER}")
+
+
+def test_a_run_while_redis_is_down_backs_off_like_an_outage(
+    sandbox: Any, opened: Portal, monkeypatch: pytest.MonkeyPatch, top_of_range: None
+) -> None:
+    flows = visible_to(sandbox, USER)[:1]
+    _want(opened, flows)
+    # The app's own client, pointed where nothing listens: Redis is down for this process.
+    down = redis_lib.Redis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=1)
+    monkeypatch.setattr(redisconn, "_client", down)
+    outcome = converge.run(opened.pk, USER)
+    assert (outcome.kind, outcome.reason, outcome.exact) == (Kind.RETRY, "ConnectionError", True)
+    # Redis cannot count the failures: taken as the fourth in a row (4 s, and its jitter).
+    assert outcome.delay == 4.0 * 1.5
+    monkeypatch.undo()
+    assert _status(opened) == {flows[0]: ("pending", "", None)}
+    assert portal_pins(sandbox, USER) == set()
 
 
 # --- rounds that do not simply answer --------------------------------------------------------
@@ -381,13 +420,15 @@ def test_a_flow_waiting_out_a_lost_answer_does_not_hold_up_the_others(
 
 
 def test_a_flow_the_user_cannot_see_fails_alone(sandbox: Any, opened: Portal) -> None:
-    seen = visible_to(sandbox, USER)[:1]
+    seen = visible_to(sandbox, USER)[:2]
     hidden = sorted({f["id"] for f in state(sandbox)["flows"]} - set(visible_to(sandbox, USER)))
     _want(opened, seen + hidden[:1])
+    PinIntent.objects.filter(flow_id=seen[1]).update(observed=False, toggles=converge.MAX_TOGGLES)
     outcome = converge.run(opened.pk, USER)
-    assert outcome.kind is Kind.DONE and outcome.stats["failed"] == 1
+    assert outcome.kind is Kind.DONE and outcome.stats["failed"] == 2  # one given up, one denied
     assert _status(opened) == {
         seen[0]: ("done", "", True),
+        seen[1]: ("failed", Problem.GAVE_UP, False),
         hidden[0]: ("failed", Problem.DENIED, None),
     }
     _want(opened, hidden[:1])  # alone, in a request of its own
@@ -499,6 +540,32 @@ def test_commands_a_batch_refuses_one_by_one_fail_alone(sandbox: Any, opened: Po
     assert portal_pins(sandbox, USER) == set()
 
 
+def test_commands_refused_for_a_while_are_tried_again(sandbox: Any, opened: Portal) -> None:
+    flows = visible_to(sandbox, USER)[:3]
+    sb(sandbox, "config", {"portal": "alpha", "operating_cost": 500, "operating_limit": 1})
+    _want(opened, flows[:1])
+    assert converge.converge_user(opened.pk, USER).kind is Kind.DONE  # that used the time up
+    _want(opened, flows[1:])  # a batch of two: each command refused for the operating time
+    outcome = converge.converge_user(opened.pk, USER)
+    assert outcome == Outcome.retry(2.0, "sub-commands failed", progress=False)
+    assert _status(opened)[flows[1]] == ("pending", "", None)
+    assert _status(opened)[flows[2]] == ("pending", "", None)
+    assert set(
+        PinIntent.objects.filter(flow_id__in=flows[1:]).values_list("toggles", flat=True)
+    ) == {0}
+    user = PortalUser.objects.get(user_id=USER)
+    chunk = {i.flow_id: i for i in PinIntent.objects.filter(flow_id__in=flows[1:])}
+    with UserLock(opened.pk, USER) as lock:
+        answered = toggles.toggle_round(opened, user, chunk, {"toggles": 2, "failed": 0}, lock)
+    # Now the whole request is refused, until the operating time resets.
+    assert isinstance(answered, Outcome)
+    assert (answered.reason, answered.exact, answered.progress) == (
+        "operating time limit",
+        True,
+        True,
+    )
+
+
 def test_a_request_refused_whole_gives_its_pins_up(sandbox: Any, opened: Portal) -> None:
     flows = visible_to(sandbox, USER)[:3]
     _want(opened, flows)
@@ -550,6 +617,21 @@ def test_the_batch_grows_fast_then_slowly_and_halves_on_a_loss(
     assert redis_client.ttl("fp:batch:1:2") == 600
 
 
+def test_growth_is_written_even_if_a_short_request_follows(sandbox: Any, redis_client: Any) -> None:
+    batch = toggles.BatchSize(1, 4)
+    batch.answered(10)
+    batch.answered(3)  # short: no change, but the growth before it stays to be written
+    batch.save()
+    assert redis_client.hget("fp:batch:1:4", "size") == b"20"
+
+
+def test_after_a_loss_the_batch_grows_by_one(sandbox: Any, redis_client: Any) -> None:
+    redis_client.hset("fp:batch:1:5", mapping={"size": 12, "slow": 0, "lost": 3})
+    batch = toggles.BatchSize(1, 5)
+    batch.answered(12)
+    assert (batch.size, batch.lost_in_a_row) == (13, 0)
+
+
 def test_a_loss_at_the_same_size_is_still_written(sandbox: Any, redis_client: Any) -> None:
     redis_client.hset("fp:batch:1:3", mapping={"size": 1, "slow": 0, "lost": 0})
     batch = toggles.BatchSize(1, 3)
@@ -592,7 +674,9 @@ def test_answers_are_recorded_by_flow_and_a_click_in_between_is_kept(
     PinIntent.objects.filter(flow_id=4).update(status=PinIntent.Status.DONE)
     PinIntent.objects.update(toggles=2)
     later = timezone.now() + timedelta(seconds=5)
+    before = timezone.now()
     toggles.record_answers({1: True, 2: False}, pending)
+    assert PinIntent.objects.get(flow_id=1).updated_at >= before
     toggles.record_answers({3: None, 4: None}, pending, only_pending=True, not_before=later)
     toggles.record_answers({2: None}, pending, count=True)
     rows = {i.flow_id: i for i in PinIntent.objects.all()}
@@ -601,6 +685,8 @@ def test_answers_are_recorded_by_flow_and_a_click_in_between_is_kept(
     assert (rows[3].observed, rows[3].toggles, rows[3].not_before) == (None, 0, later)
     assert (rows[4].toggles, rows[4].not_before) == (2, None)  # not pending: not touched
     assert rows[1].observed_at is not None and rows[4].observed_at is None
+    toggles.record_answers({4: True}, pending)  # what Bitrix24 said is kept, settled or not
+    assert PinIntent.objects.get(flow_id=4).observed is True
 
 
 def test_finishing_rechecks_what_the_verdict_rests_on(sandbox: Any, opened: Portal) -> None:
