@@ -19,6 +19,7 @@ from b24app.bitrix import oauth
 from b24app.eventauth import event_name, verify_event
 from b24app.models import Portal, PortalUser
 from b24app.problems import Refused
+from b24app.stored import AlsoRead
 from tests.helpers import install, launch, sb, state
 
 pytestmark = [pytest.mark.mutation, pytest.mark.django_db]
@@ -101,6 +102,22 @@ def test_an_app_post_yields_what_bitrix24_sent_and_vouched_for(
     assert verified.portal is not None and verified.portal.pk == installed.pk
     assert verified.user is None  # user 2 never opened the app
     assert verified.also is None
+
+
+def _user_language(vendor: str) -> str:
+    return "u.language"
+
+
+USER_LANGUAGE = AlsoRead("user_language", _user_language)
+
+
+def test_a_frame_reads_what_its_caller_asks_for_with_the_user(
+    installed: Portal, sandbox: Any
+) -> None:
+    PortalUser.objects.filter(user_id=1).update(language="ru")
+    request = _frame_request(_form(sandbox, 1))
+    verified = frame.verify_frame_post(request, installing=False, also=USER_LANGUAGE)
+    assert verified.user is not None and verified.also == "ru"
 
 
 def test_missing_optional_fields_take_their_defaults(installed: Portal, sandbox: Any) -> None:
