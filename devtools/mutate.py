@@ -4,7 +4,8 @@ pyproject.toml). Prints the score per module and in total, and every surviving m
 
 Each run starts afresh (mutmut keeps its results in mutants/ and would not re-check a mutant
 after the tests changed) and removes mutants/ at the end unless MUTATE_KEEP=1 (then
-`.venv/bin/mutmut show NAME` and `mutmut browse` work on the results).
+`.venv/bin/mutmut show NAME` and `mutmut browse` work on the results). MUTATE_AGAIN=1 with a
+kept mutants/ checks only the survivors of that run again, against the tests as they are now.
 """
 
 from __future__ import annotations
@@ -40,12 +41,21 @@ def _line(name: str, killed: int, total: int) -> str:
     return f"{name:<28} {killed:>5} / {total:<5} killed  {share:5.1f} %"
 
 
+def _survivors() -> list[str]:
+    paths = [path for paths in MODULES.values() for path in paths]
+    return sorted(k for path in paths for k, c in _results(path).items() if c in SURVIVED)
+
+
 def main() -> int:
     mutmut = Path(sys.executable).parent / "mutmut"
-    shutil.rmtree(MUTANTS, ignore_errors=True)
-    started = time.monotonic()
     # One mutant at a time: the tests share one Redis database and one test database.
-    code = subprocess.call([str(mutmut), "run", "--max-children", "1"], cwd=ROOT)
+    command = [str(mutmut), "run", "--max-children", "1"]
+    if os.environ.get("MUTATE_AGAIN") == "1" and MUTANTS.exists():
+        command += _survivors()
+    else:
+        shutil.rmtree(MUTANTS, ignore_errors=True)
+    started = time.monotonic()
+    code = subprocess.call(command, cwd=ROOT)
     minutes = (time.monotonic() - started) / 60
     if code != 0 or not MUTANTS.exists():
         print(f"mutmut run failed (exit {code})")
