@@ -439,13 +439,14 @@ def test_portal_work_uses_the_installer_else_the_latest_admin(sandbox: Any) -> N
     # Another portal's user of the same id is never this portal's installer.
     install(client, sandbox, "beta")
     assert tokens.admin_user(portal).pk == installer.pk
-    PortalUser.objects.filter(user_id=1).update(state=PortalUser.State.NEEDS_REOPEN)
-    assert tokens.admin_user(portal).user_id == 3
+    PortalUser.objects.filter(portal=portal, user_id=1).update(state=PortalUser.State.NEEDS_REOPEN)
+    assert tokens.admin_user(portal).user_id == 3  # not beta's user 1, who is active
     Portal.objects.filter(pk=portal.pk).update(installer_user_id=None)
     portal.refresh_from_db()
-    PortalUser.objects.filter(user_id=1).update(state=PortalUser.State.ACTIVE)
+    PortalUser.objects.filter(portal=portal, user_id=1).update(state=PortalUser.State.ACTIVE)
     assert tokens.admin_user(portal).user_id == 3  # no installer: the latest admin
     PortalUser.objects.filter(user_id=3).update(access_token="")
-    PortalUser.objects.filter(user_id=1).update(is_admin=False)
-    with pytest.raises(ReopenRequired, match="administrator"):
+    PortalUser.objects.filter(portal=portal, user_id=1).update(is_admin=False)
+    with pytest.raises(ReopenRequired) as raised:
         tokens.admin_user(portal)
+    assert raised.value.description == "no administrator token: an admin must open the app once"
