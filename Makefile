@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
 
-.PHONY: run demo sandbox test lint fmt bench messages clean install install-test
+.PHONY: run demo sandbox test mutate lint fmt bench messages clean install install-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ sandbox: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(BIN)/python -m pytest --cov --cov-report= $(PYTEST_ARGS)
 
+## mutate: mutation testing of the verification, token and convergence modules (prints the
+## score; needs PostgreSQL and Redis like `test`)
+mutate: $(VENV)/.test
+	$(BIN)/python -m devtools.mutate
+
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -57,4 +62,4 @@ messages: $(VENV)/.runtime
 	msgfmt --check -o locale/ru/LC_MESSAGES/django.mo locale/ru/LC_MESSAGES/django.po
 
 clean:
-	rm -rf $(VENV) var staticfiles
+	rm -rf $(VENV) var staticfiles mutants
