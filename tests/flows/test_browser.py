@@ -321,6 +321,7 @@ def _english_left(texts: list[str], allowed: set[str]) -> list[str]:
 def test_the_page_in_each_bitrix24_language_we_ship_has_no_english_left(
     page_for: Any, settings: Any
 ) -> None:
+    assert set(SHIPPED.values()) == {code for code, _name in settings.LANGUAGES} - {"en"}
     settings.FLOWPINS_READ_PINS = True  # its button ("Check pins in Bitrix24") is shown too
     page, frame = page_for(2, "en")
     _loaded(frame)
