@@ -18,6 +18,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
+from b24app import langs
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem, Refused, words
@@ -51,7 +52,8 @@ def page_claims(request: HttpRequest) -> PageClaims:
         raise Refused(401, _("This page has expired: please reopen the app.")) from None
     except signing.BadSignature:
         raise Refused(403, _("This request was not issued by the app.")) from None
-    translation.activate(data.get("l") or "en")
+    # The language the page was rendered in; one no longer shipped falls back (b24app.langs).
+    translation.activate(langs.shipped(data.get("l")))
     portal_id, user_id = data.get("p"), data.get("u")
     if not isinstance(portal_id, int) or not isinstance(user_id, int):
         raise Refused(403, _("This request was not issued by the app."))
