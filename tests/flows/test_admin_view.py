@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -20,7 +21,17 @@ from b24app.models import Portal, PortalUser, RestCall
 from b24app.status import today_start
 from flows import adminview
 from flows.models import PinIntent
-from tests.helpers import api, install, open_app, open_page, sb, state, worker_paused
+from tests.helpers import (
+    api,
+    install,
+    open_app,
+    open_page,
+    page_token,
+    sb,
+    settle_background_work,
+    state,
+    worker_paused,
+)
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
@@ -32,6 +43,20 @@ ALL_BOUND = [
     {"kind": "event", "code": "ONAPPUNINSTALL", "bound": True},
     {"kind": "event", "code": "ONAPPUPDATE", "bound": True},
 ]
+
+
+@pytest.fixture(autouse=True)
+def admin_view(
+    settings: Any, sandbox: Any, celery_worker_process: Any, redis_client: Any
+) -> Iterator[None]:
+    """The admin's view on (it is off by default); afterwards, until the work it queued (asking
+    the portal who is an admin, reading its bindings) is done, so none runs into the next test."""
+    settings.FLOWPINS_ADMIN_VIEW = True
+    yield
+    deadline = time.monotonic() + 30
+    while list(redis_client.scan_iter(match="fp:admin_*_queued:*")):
+        assert time.monotonic() < deadline, "the admin view's work did not finish"
+        time.sleep(0.05)
 
 
 def section(client: Client, token: str, *, until: Any = None, seconds: float = 30) -> Any:
@@ -162,9 +187,8 @@ def test_an_admin_sees_the_portals_own_figures(sandbox: Any, celery_worker_proce
         },
     ]
     assert figures["bindings"]["expected"] == ALL_BOUND
-    assert 'data-figure="calls">6<' in answer["html"]
     html = text_of(answer["html"])
-    assert "2 errors · 1 refused for the rate limit (503)" in html
+    assert "6 requests · 2 errors · 1 refused for the rate limit (503)" in html
     assert "3 active · 1 must reopen the app" in html
     assert "You can no longer see this flow. — 3 pins, 2 users" in html
     assert "Please reopen the app: your Bitrix24 session has ended. — 1 pin, 1 user" in html
@@ -263,3 +287,21 @@ def test_the_section_reports_bindings_missing_in_bitrix24(
         *ALL_BOUND[1:],
     ]
     assert "LEFT_MENU — missing" in text_of(answer["html"])
+
+
+def test_off_by_default_the_section_is_not_there_and_nobody_is_asked(
+    sandbox: Any, settings: Any
+) -> None:
+    settings.FLOWPINS_ADMIN_VIEW = False
+    client = Client()
+    install(client, sandbox)  # asks `user.admin` of the installer, as it always did
+    asked = state(sandbox)["counters"]["calls"]["user.admin"]
+    response = open_page(client, sandbox, ADMIN)
+    page = response.content.decode()
+    assert page_settings(page)["admin"] is False and no_section_in(page)
+    token = page_token(response)
+    refused = api(client, token, "GET", SECTION)
+    assert refused.status_code == 404 and set(refused.json()) == {"error"}
+    assert api(client, token, "POST", REBIND, {}).status_code == 404
+    settle_background_work()
+    assert state(sandbox)["counters"]["calls"]["user.admin"] == asked  # no request spent
