@@ -98,7 +98,7 @@ def _rebind_state(portal_id: int, bindings: status.Bindings | None) -> tuple[str
     asked = float(json.loads(raw)["at"])
     if bindings is not None and bindings.fetched_at >= asked:
         when = timezone.localtime(datetime.fromtimestamp(asked, tz=UTC))
-        at = when.strftime("%H:%M:%S")
+        at = when.strftime("%H:%M:%S %Z")
         if bindings.problem:
             text = _("Re-bound at %(time)s, but the bindings could not be read: %(reason)s") % {
                 "time": at,
