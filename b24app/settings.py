@@ -175,6 +175,17 @@ FLOWPINS_PAGE_TOKEN_SECONDS: int = env.int("FLOWPINS_PAGE_TOKEN_SECONDS", defaul
 # The BX24 JS library (fitWindow, installFinish). Empty: do not load it (tests, offline demos).
 B24_JS_SDK_URL: str = env.str("B24_JS_SDK_URL", default="//api.bitrix24.com/api/v1/")
 
+# --- The admin's view (issue 13): a status section of the flows page for portal admins ---
+# Whether portal admins see it (off by default: with it on, each user's open asks the portal
+# `user.admin` once per the periods below at most — one REST request, in a worker).
+FLOWPINS_ADMIN_VIEW: bool = env.bool("FLOWPINS_ADMIN_VIEW", default=False)
+# How long the portal's "yes, an administrator" is trusted (a demoted admin loses the view then).
+FLOWPINS_ADMIN_CHECK_SECONDS: int = env.int("FLOWPINS_ADMIN_CHECK_SECONDS", default=300)
+# How long its "no" is trusted (a newly made admin sees the view after this at most).
+FLOWPINS_NON_ADMIN_CHECK_SECONDS: int = env.int(
+    "FLOWPINS_NON_ADMIN_CHECK_SECONDS", default=6 * 3600
+)
+
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'flowpins.sqlite3'}")

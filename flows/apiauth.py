@@ -84,6 +84,9 @@ API_LIMITS: dict[str, tuple[float, int]] = {
     "add_flow": (0.5, 5),
     # A read costs the portal one request per 25 flows (40 for 1,000): one a minute, after two.
     "check_pins": (1 / 60, 2),
+    # The admin's section: polled every second while a re-binding or a read runs.
+    "admin_status": (2.0, 40),
+    "admin_rebind": (0.1, 3),
 }
 
 
