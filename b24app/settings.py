@@ -176,9 +176,9 @@ FLOWPINS_PAGE_TOKEN_SECONDS: int = env.int("FLOWPINS_PAGE_TOKEN_SECONDS", defaul
 B24_JS_SDK_URL: str = env.str("B24_JS_SDK_URL", default="//api.bitrix24.com/api/v1/")
 
 # --- The admin's view (issue 13): a status section of the flows page for portal admins ---
-# Whether portal admins see it (off by default: with it on, each user's open asks the portal
-# `user.admin` once per the periods below at most — one REST request, in a worker).
-FLOWPINS_ADMIN_VIEW: bool = env.bool("FLOWPINS_ADMIN_VIEW", default=False)
+# Whether portal admins see it (on by default; each user's open asks the portal `user.admin`
+# once per the periods below at most — one REST request, in a worker; 0 turns it off).
+FLOWPINS_ADMIN_VIEW: bool = env.bool("FLOWPINS_ADMIN_VIEW", default=True)
 # How long the portal's "yes, an administrator" is trusted (a demoted admin loses the view then).
 FLOWPINS_ADMIN_CHECK_SECONDS: int = env.int("FLOWPINS_ADMIN_CHECK_SECONDS", default=300)
 # How long its "no" is trusted (a newly made admin sees the view after this at most).

@@ -6,10 +6,14 @@ handlers again in Bitrix24."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,14 +23,16 @@ from django.utils import timezone
 
 from b24app.models import Portal, PortalUser, RestCall
 from b24app.status import today_start
-from flows import adminview
+from flows import admintasks, adminview
 from flows.models import PinIntent
 from tests.helpers import (
     api,
     install,
+    launch,
     open_app,
     open_page,
     page_token,
+    post_frame,
     sb,
     settle_background_work,
     state,
@@ -35,6 +41,7 @@ from tests.helpers import (
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.services]
 
+ROOT = Path(__file__).resolve().parents[2]
 ADMIN, ORDINARY = 1, 2  # the sandbox's admin and an ordinary user, on every seed portal
 SECTION = "/flows/api/admin"
 REBIND = "/flows/api/admin/rebind"
@@ -49,8 +56,9 @@ ALL_BOUND = [
 def admin_view(
     settings: Any, sandbox: Any, celery_worker_process: Any, redis_client: Any
 ) -> Iterator[None]:
-    """The admin's view on (it is off by default); afterwards, until the work it queued (asking
-    the portal who is an admin, reading its bindings) is done, so none runs into the next test."""
+    """The admin's view on (the test settings turn it off); afterwards, until the work it queued
+    (asking the portal who is an admin, reading its bindings) is done, so none runs into the next
+    test."""
     settings.FLOWPINS_ADMIN_VIEW = True
     yield
     deadline = time.monotonic() + 30
@@ -197,6 +205,31 @@ def test_an_admin_sees_the_portals_own_figures(
     assert "Please reopen the app: your Bitrix24 session has ended. — 1 pin, 1 user" in html
 
 
+def test_the_first_open_renders_at_once_and_a_worker_asks_the_portal(
+    sandbox: Any, celery_worker_process: Any
+) -> None:
+    """The page never waits on `user.admin`: an admin's first open renders while the question
+    is only queued, and the section opens once the worker's job has the portal's answer."""
+    client = Client()
+    install(client, sandbox)
+    asked = state(sandbox)["counters"]["calls"]["user.admin"]
+    with worker_paused():
+        response = post_frame(client, launch(sandbox, "alpha", ADMIN))
+        assert response.status_code == 200, response.content[:300]
+        page = response.content.decode()
+        assert page_settings(page)["admin"] is None and no_section_in(page)  # being asked
+        token = page_token(response)
+        waiting = api(client, token, "GET", SECTION)
+        assert (waiting.status_code, waiting.json()) == (202, {"checking": True})
+        assert state(sandbox)["counters"]["calls"]["user.admin"] == asked  # nobody waited on it
+        portal = Portal.objects.get()
+        assert admintasks.admin_check.apply(
+            kwargs={"portal_id": portal.pk, "user_id": ADMIN}
+        ).get() == ("admin")  # the worker's job, run here
+    assert state(sandbox)["counters"]["calls"]["user.admin"] == asked + 1
+    assert section(client, token).status_code == 200
+
+
 def test_the_section_speaks_the_users_language(sandbox: Any, celery_worker_process: Any) -> None:
     client = Client()
     install(client, sandbox)
@@ -296,7 +329,34 @@ def test_the_section_reports_bindings_missing_in_bitrix24(
     assert "LEFT_MENU — missing" in text_of(answer["html"])
 
 
-def test_off_by_default_the_section_is_not_there_and_nobody_is_asked(
+def test_the_product_shows_the_section_unless_it_is_turned_off(tmp_path: Path) -> None:
+    """A portal admin who opens the app sees the section with no setting made: it is on by
+    default in the product's own settings (the test settings turn it off)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "FLOWPINS_")) and k not in {"DEBUG", "SECRET_KEY"}
+    }
+    env.update(DEBUG="1", FLOWPINS_ENV_FILE=os.devnull, FLOWPINS_VAR_DIR=str(tmp_path))
+    show = "from django.conf import settings; print(settings.FLOWPINS_ADMIN_VIEW)"
+
+    def setting(**values: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "manage.py", "shell", "-v", "0", "-c", show],
+            cwd=ROOT,
+            env={**env, **values},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr[-800:]
+        return proc.stdout.strip()
+
+    assert setting() == "True"
+    assert setting(FLOWPINS_ADMIN_VIEW="0") == "False"
+
+
+def test_turned_off_the_section_is_not_there_and_nobody_is_asked(
     sandbox: Any, settings: Any
 ) -> None:
     settings.FLOWPINS_ADMIN_VIEW = False
