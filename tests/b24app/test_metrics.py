@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +22,7 @@ import requests
 import yaml
 from django.conf import settings as django_settings
 from django.test import Client
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from b24app import tokens
@@ -29,7 +31,10 @@ from b24app.bitrix.errors import BitrixError, RateLimited, ReopenRequired
 from b24app.bitrix.ratelimit import PortalRateLimiter
 from b24app.calllog import record_call
 from b24app.models import Portal, PortalUser
+from devtools.run import _metrics_dir
 from devtools.supervisor import Process
+from flows import intents
+from flows.models import PinIntent
 from tests.faults.drive import click_http, wait_settled
 from tests.faults.stack import RedisServer, start_web, start_worker, wait_until
 from tests.helpers import install, launch, open_app, post_frame, sb, visible_to, worker_paused
@@ -181,6 +186,39 @@ def test_the_limiter_counts_waits_and_deferrals_and_names_the_portals_that_wait(
     assert not any(
         n == per_portal and ("member_id", "quiet-portal-member") in ls for n, ls in after
     )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_wait_counts_from_the_latest_click(sandbox: Any, metrics_on: None) -> None:
+    install(Client(), sandbox)
+    portal = Portal.objects.get()
+    intents.set_desired(portal, 2, [7], True)
+    time.sleep(0.5)  # a second click, later: its wait must not include this
+    second_click = timezone.now()
+    intents.set_desired(portal, 2, [7], False)
+    before = scrape_local(Client())
+    scope = PinIntent.objects.filter(portal=portal)
+    assert intents.settle(scope, PinIntent.Status.DONE, "") == 1
+    settled = timezone.now()
+    after = scrape_local(Client())
+
+    latency = "flowpins_click_to_settled_seconds"
+    assert value(after, f"{latency}_count") - value(before, f"{latency}_count") == 1
+    waited = value(after, f"{latency}_sum") - value(before, f"{latency}_sum")
+    assert 0 <= waited <= (settled - second_click).total_seconds()
+
+
+def test_make_run_gives_the_processes_one_emptied_metrics_directory(tmp_path: Path) -> None:
+    stale = tmp_path / "metrics" / "counter_old-1.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"an earlier run")
+    off: dict[str, str] = {}
+    _metrics_dir(off, tmp_path)
+    assert "PROMETHEUS_MULTIPROC_DIR" not in off and stale.exists()  # metrics off: untouched
+    on = {"METRICS_TOKEN": TOKEN}
+    _metrics_dir(on, tmp_path)
+    assert on["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics")
+    assert not stale.exists()
 
 
 # --- no secret in a label ---------------------------------------------------------------------
