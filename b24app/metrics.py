@@ -72,8 +72,10 @@ def _use_directory(path: str) -> bool:
 # be written falls back to this process's memory, with a warning: a metric never stops the app.
 if MULTIPROC_DIR and _use_directory(MULTIPROC_DIR):
     values.ValueClass = values.MultiProcessValue(_process_id)  # type: ignore[no-untyped-call]
-elif MULTIPROC_DIR:
-    log.warning("PROMETHEUS_MULTIPROC_DIR cannot be written: metrics of this process only")
+else:
+    if MULTIPROC_DIR:
+        log.warning("PROMETHEUS_MULTIPROC_DIR cannot be written: metrics of this process only")
+    # Also for a variable set but empty, which prometheus-client takes for a directory (".").
     values.ValueClass = values.MutexValue
     MULTIPROC_DIR = ""
 

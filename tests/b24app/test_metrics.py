@@ -114,6 +114,28 @@ def test_a_short_metrics_token_stops_start_up() -> None:
     assert "METRICS_TOKEN must be 32 characters or more" in done.stderr
 
 
+def test_an_empty_multiprocess_directory_setting_counts_in_memory(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR= (set, empty: a copied .env.example line) is not a directory:
+    prometheus-client alone would write its files into the working directory."""
+    env = {
+        **os.environ,
+        "PROMETHEUS_MULTIPROC_DIR": "",
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+    }
+    count = "from b24app import metrics; metrics.pin_toggles('pinned'); print('counted')"
+    done = subprocess.run(
+        [sys.executable, "-c", f"import django; django.setup(); {count}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.strip() == "counted", done.stderr[-2000:]
+    assert list(tmp_path.glob("*.db")) == []
+
+
 # --- what moves them, in one process --------------------------------------------------------
 
 
