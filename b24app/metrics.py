@@ -117,7 +117,9 @@ REST_CALLS = Counter(
     ["method", "result", "status"],
 )
 REST_BATCH_COMMANDS = Counter(
-    "flowpins_rest_batch_commands", "Commands carried by batch requests to portals"
+    "flowpins_rest_batch_commands",
+    "Commands carried by batch requests to portals, by the request's result",
+    ["result"],
 )
 REST_SECONDS = Histogram(
     "flowpins_rest_call_seconds",
@@ -132,14 +134,19 @@ TOKEN_REFRESHES = Counter(
 )
 LIMITER_WAIT = Histogram(
     "flowpins_limiter_wait_seconds",
-    "Time a call slept for its portal's request budget (the shared bucket)",
+    "Time a call slept for its portal's request budget (the shared bucket), by lane "
+    "(bulk: a Pin all's rounds, which leave a few slots to interactive calls)",
+    ["lane"],
     buckets=(0.0, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
 LIMITER_DEFERRED = Counter(
     "flowpins_limiter_deferred",
-    "Calls that found their portal's bucket full for longer than they may wait: the job "
-    "steps aside and comes back",
+    "Calls that found their portal's bucket full for longer than they may wait (the job "
+    "steps aside and comes back), by lane",
+    ["lane"],
 )
+# Every metric has labels, so a process makes its files only when it counts something: the
+# short-lived ones that load the app (compose's `celery inspect ping` every 30 s) leave none.
 
 # Error codes that may be a label value: the error table's, and the client's own.
 _CODES = frozenset(_TRANSIENT) | frozenset(_TOKENS) | frozenset(_PERMANENT)
@@ -175,7 +182,7 @@ def rest_call(method: str, status: int | None, error: str, seconds: float, comma
     REST_CALLS.labels(method[:100], result_label(error), status_label(status)).inc()
     REST_SECONDS.labels(method[:100]).observe(seconds)
     if method == "batch":
-        REST_BATCH_COMMANDS.inc(commands)
+        REST_BATCH_COMMANDS.labels(result_label(error)).inc(commands)
 
 
 @contextmanager
@@ -195,12 +202,13 @@ PORTALS_SHOWN = 10
 _LIMITER_KEY = "fp:metrics:limiter:{minute}"
 
 
-def limiter_waited(member_id: str, seconds: float, *, deferred: bool) -> None:
+def limiter_waited(member_id: str, seconds: float, *, deferred: bool, bulk: bool) -> None:
     """A call slept `seconds` for its portal's bucket, or (`deferred`) steps aside that long."""
+    lane = "bulk" if bulk else "interactive"
     if deferred:
-        LIMITER_DEFERRED.inc()
+        LIMITER_DEFERRED.labels(lane).inc()
     else:
-        LIMITER_WAIT.observe(seconds)
+        LIMITER_WAIT.labels(lane).observe(seconds)
     if seconds <= 0 or not enabled():
         return
     key = _LIMITER_KEY.format(minute=int(time.time() // 60))

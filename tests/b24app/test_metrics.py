@@ -114,26 +114,42 @@ def test_a_short_metrics_token_stops_start_up() -> None:
     assert "METRICS_TOKEN must be 32 characters or more" in done.stderr
 
 
-def test_an_empty_multiprocess_directory_setting_counts_in_memory(tmp_path: Path) -> None:
-    """PROMETHEUS_MULTIPROC_DIR= (set, empty: a copied .env.example line) is not a directory:
-    prometheus-client alone would write its files into the working directory."""
+def _in_a_process(directory: str, code: str, cwd: Path) -> None:
+    """Run `code` in a fresh process of the app, with PROMETHEUS_MULTIPROC_DIR=`directory`."""
     env = {
         **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": "",
+        "PROMETHEUS_MULTIPROC_DIR": directory,
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "PYTHONPATH": str(ROOT),
     }
-    count = "from b24app import metrics; metrics.pin_toggles('pinned'); print('counted')"
     done = subprocess.run(
-        [sys.executable, "-c", f"import django; django.setup(); {count}"],
+        [sys.executable, "-c", f"import django; django.setup(); {code}; print('ran')"],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.stdout.strip() == "counted", done.stderr[-2000:]
+    assert done.stdout.strip() == "ran", done.stderr[-2000:]
+
+
+def test_an_empty_multiprocess_directory_setting_counts_in_memory(tmp_path: Path) -> None:
+    """PROMETHEUS_MULTIPROC_DIR= (set, empty: a copied .env.example line) is not a directory:
+    prometheus-client alone would write its files into the working directory."""
+    _in_a_process("", "from b24app import metrics; metrics.pin_toggles('pinned')", tmp_path)
     assert list(tmp_path.glob("*.db")) == []
+
+
+def test_a_process_that_counts_nothing_leaves_no_files(tmp_path: Path) -> None:
+    """compose's worker health check loads the app every 30 s: it must not leave files behind
+    for every scrape to read."""
+    directory = tmp_path / "metrics"
+    _in_a_process(str(directory), "from b24app import metrics", tmp_path)
+    assert list(directory.glob("*.db")) == []
+    _in_a_process(
+        str(directory), "from b24app import metrics; metrics.pin_toggles('lost')", tmp_path
+    )
+    assert len(list(directory.glob("counter_*.db"))) == 1  # the directory is in use
 
 
 # --- what moves them, in one process --------------------------------------------------------
