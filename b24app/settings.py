@@ -335,6 +335,20 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_TASK_DEFAULT_QUEUE = "flowpins"
 
+# --- metrics (Prometheus) ---
+# Off unless METRICS_TOKEN is set: /metrics answers 404. With it, a scrape must send
+# "Authorization: Bearer <METRICS_TOKEN>" (README, "Metrics"). Several processes report through
+# PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads from the environment itself.
+METRICS_TOKEN: str = env.str("METRICS_TOKEN", default="")
+if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "METRICS_TOKEN must be 32 characters or more: "
+        'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+    )
+# Prometheus scrapes over plain http inside the host (compose's network), like the probes; the
+# token was sent by then, so a redirect would protect nothing.
+SECURE_REDIRECT_EXEMPT = [*SECURE_REDIRECT_EXEMPT, r"^metrics$"]
+
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
