@@ -17,9 +17,14 @@ Three layers, because each covers what the others cannot see:
    '…'"). Runs of 24+ letters and digits with both in them (Bitrix24's tokens are hex) are
    masked in free text; dashed ids (request and task ids) and Sentry's own ids are kept.
 
-Local variables are not sent at all (`include_local_variables=False`): decrypted tokens pass
-through many of them under names no list can foresee. Task arguments are ids only by contract;
-`send_default_pii=False` keeps Sentry from sending them, and layer 1 covers them if it did.
+Sentry's own data collection is narrowed first: no local variables (decrypted tokens pass
+through many of them under names no list can foresee), no cookies, no user, no SQL parameters,
+no task arguments (ids only by contract), no bodies of our calls to portals or their answers;
+headers and query parameters by Sentry's denylist plus ours. The incoming request's body is
+kept (which fields a failing POST had helps), its values scrubbed by layer 1.
+
+Each event is tagged with the request id, member_id, user id and task id of its request or task
+(b24app.logcontext), so its log lines are one search away.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, quote_plus, urlsplit
 
-from b24app.logcontext import current_request
+from b24app.logcontext import current, current_request
 from b24app.logging import redact
 
 if TYPE_CHECKING:
@@ -58,6 +63,7 @@ _SECRET_SUBSTRINGS = (
 # Sentry's own ids and the SDK's description of itself: kept as they are.
 _KEEP_KEYS = frozenset(
     {"event_id", "trace_id", "span_id", "parent_span_id", "sid", "segment_id", "release"}
+    | {"request_id", "member_id", "user_id", "task_id", "celery_task_id"}  # ids, not secrets
 )
 _KEEP_TREES = frozenset({"sdk", "modules"})
 _SHAPE = re.compile(
@@ -141,10 +147,11 @@ class _Scrubber:
         self.known = sorted(forms, key=len, reverse=True)
 
     def text(self, text: str) -> str:
+        text = redact(text)
         for secret in self.known:
             if secret in text:
                 text = text.replace(secret, FILTERED)
-        return _SHAPE.sub(FILTERED, redact(text))
+        return _SHAPE.sub(FILTERED, text)
 
     def value(self, value: Any, key: object = None) -> Any:
         if key in _KEEP_TREES or (key in _KEEP_KEYS and isinstance(value, str)):
@@ -181,12 +188,15 @@ def scrub_event(event: Event, hint: Hint) -> Event:
     reported; should this raise, Sentry drops the event rather than send it unscrubbed)."""
     raw = cast(dict[str, Any], event)
     _hide_sensitive_post(raw)
-    return cast(Event, _scrubber(raw).value(raw))
+    tags = raw.setdefault("tags", {})
+    for key, value in current().items():  # find the log lines of the same request or task
+        tags.setdefault(key, str(value))
+    return cast("Event", _scrubber(raw).value(raw))
 
 
 def scrub_breadcrumb(crumb: Breadcrumb, hint: BreadcrumbHint) -> Breadcrumb:
     """`before_breadcrumb`: log lines and HTTP calls recorded for a later event."""
-    return cast(Breadcrumb, _scrubber(crumb).value(crumb))
+    return cast("Breadcrumb", _scrubber(crumb).value(crumb))
 
 
 def init_sentry(dsn: str, *, environment: str) -> None:
@@ -199,8 +209,18 @@ def init_sentry(dsn: str, *, environment: str) -> None:
         dsn=dsn,
         environment=environment,
         integrations=[DjangoIntegration(), CeleryIntegration(propagate_traces=False)],
-        send_default_pii=False,
-        include_local_variables=False,
+        data_collection={
+            "user_info": False,
+            "cookies": {"mode": "off"},
+            "http_headers": {"request": {"mode": "denylist", "terms": ["flowpins"]}},
+            "url_query_params": {"mode": "denylist"},
+            # The request's body (scrubbed here): not what we send to portals, nor their answers.
+            "http_bodies": ["incoming_request"],
+            "database_query_data": False,
+            "queues": False,  # task arguments: ids only by contract, and none sent anyway
+            # Decrypted tokens pass through many locals, under names no list can foresee.
+            "stack_frame_variables": False,
+        },
         before_send=scrub_event,
         before_breadcrumb=scrub_breadcrumb,
         # No sentry-trace/baggage headers on calls to portals or the OAuth server: they are not
