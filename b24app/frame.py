@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, QueryDict
 
-from b24app import langs, portal_client
+from b24app import langs, logcontext, portal_client
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
@@ -274,6 +274,7 @@ def verify_frame_post(
         require_admin(info, server_endpoint, access_token)
     else:
         _refuse_unless_installed(portal, application_token)
+    logcontext.bind(member_id=info.member_id, user_id=info.user_id)  # verified: log lines say who
     return VerifiedFrame(
         portal=portal,
         user=user,

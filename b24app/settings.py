@@ -212,6 +212,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: every answer (a redirect, a refusal) carries its request id, and every log line
+    # written while it is served.
+    "b24app.logcontext.RequestContextMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -349,14 +352,39 @@ if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
 # token was sent by then, so a redirect would protect nothing.
 SECURE_REDIRECT_EXEMPT = [*SECURE_REDIRECT_EXEMPT, r"^metrics$"]
 
+# --- Correlated logs and error reports (b24app/logcontext.py, b24app/errorreports.py) ---
+# LOG_FORMAT=json: one JSON object per line with the request id, member_id, user id and task id
+# (web and worker alike); "text" (the default) keeps the human-readable lines.
+LOG_FORMAT: str = env.str("LOG_FORMAT", default="text").strip().lower()
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured('LOG_FORMAT must be "text" (the default) or "json".')
+# Error reports go to Sentry only when SENTRY_DSN is set (web and worker both read it); every
+# token, secret and frame POST field is scrubbed before an event leaves (errorreports.py).
+SENTRY_DSN: str = env.str("SENTRY_DSN", default="")
+SENTRY_ENVIRONMENT: str = env.str("SENTRY_ENVIRONMENT", default="production")
+if SENTRY_DSN:
+    from b24app.errorreports import init_sentry
+
+    init_sentry(SENTRY_DSN, environment=SENTRY_ENVIRONMENT)
+
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "b24app.logging.RedactSecretsFilter"}},
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "filters": {
+        "redact": {"()": "b24app.logging.RedactSecretsFilter"},
+        "context": {"()": "b24app.logcontext.ContextFilter"},
+    },
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "b24app.logcontext.JsonFormatter"},
+    },
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["redact", "context"],
+        }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
@@ -365,5 +393,7 @@ LOGGING = {
         "requests_oauthlib": {"level": "WARNING"},
         "urllib3": {"level": "WARNING"},
         "celery": {"level": "INFO"},
+        # JSON lines only: Django's own console handler (DEBUG) would print them again as text.
+        **({"django": {"handlers": [], "level": "INFO"}} if LOG_FORMAT == "json" else {}),
     },
 }
