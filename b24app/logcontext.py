@@ -117,7 +117,9 @@ def enter_task(task_id: str | None = None, task: Any = None, **signal: Any) -> N
     if values["user_id"] is None:  # queued without a request (a sweep): the task says whom
         values["user_id"] = (signal.get("kwargs") or {}).get("user_id")
     fresh = {k: v for k, v in ((k, _sane(k, v)) for k, v in values.items()) if v is not None}
-    token = _context.set(fresh)
+    # Run in place (task.apply(): no message, no headers): it belongs to the caller's request.
+    inherited = (_context.get() or {}) if getattr(request, "is_eager", False) else {}
+    token = _context.set({**inherited, **fresh})
     if request is not None:
         request.flowpins_log_context = token
 
