@@ -60,14 +60,12 @@ def _filter_worker_log_handlers(logger: logging.Logger, **kwargs: Any) -> None:
     are JSON lines too, with the task's context (b24app.logcontext)."""
     from django.conf import settings
 
-    from b24app.logcontext import ContextFilter, JsonFormatter
+    from b24app.logcontext import JsonFormatter
     from b24app.logging import RedactSecretsFilter
 
     for handler in logger.handlers:
         if not any(isinstance(f, RedactSecretsFilter) for f in handler.filters):
             handler.addFilter(RedactSecretsFilter())
-        if not any(isinstance(f, ContextFilter) for f in handler.filters):
-            handler.addFilter(ContextFilter())
         if settings.LOG_FORMAT == "json":
             handler.setFormatter(JsonFormatter())
 

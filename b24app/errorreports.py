@@ -199,15 +199,21 @@ def scrub_breadcrumb(crumb: Breadcrumb, hint: BreadcrumbHint) -> Breadcrumb:
     return cast("Breadcrumb", _scrubber(crumb).value(crumb))
 
 
-def init_sentry(dsn: str, *, environment: str) -> None:
-    """Report errors of this process (web or worker) to Sentry."""
+def init_sentry(dsn: str) -> None:
+    """Report errors of this process (web or worker) to Sentry. A malformed DSN stops start-up
+    (ImproperlyConfigured, naming SENTRY_DSN) rather than leaving errors unreported unnoticed."""
     import sentry_sdk
+    from django.core.exceptions import ImproperlyConfigured
     from sentry_sdk.integrations.celery import CeleryIntegration
     from sentry_sdk.integrations.django import DjangoIntegration
+    from sentry_sdk.utils import BadDsn, Dsn
 
+    try:
+        Dsn(dsn)
+    except BadDsn as exc:
+        raise ImproperlyConfigured(f"SENTRY_DSN is not a Sentry DSN ({exc}).") from None
     sentry_sdk.init(
-        dsn=dsn,
-        environment=environment,
+        dsn=dsn,  # the environment and release: SENTRY_ENVIRONMENT, SENTRY_RELEASE (the SDK's own)
         integrations=[DjangoIntegration(), CeleryIntegration(propagate_traces=False)],
         data_collection={
             "user_info": False,

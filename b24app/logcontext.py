@@ -28,8 +28,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 # The keys in a task message's headers (Celery keeps custom headers on `task.request`).
 MESSAGE_HEADERS = {key: f"flowpins_{key}" for key in ("request_id", "member_id", "user_id")}
 
-_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
-_MEMBER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")  # fullmatch: "$" would let a final "\n" in
+_MEMBER = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
     "flowpins_log_context", default=None
@@ -55,12 +55,11 @@ def _sane(key: str, value: Any) -> Any:
     if key == "user_id":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        return (
-            int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else None
-        )
+        digits = isinstance(value, str) and value.isascii() and value.isdigit()
+        return int(value) if digits and len(value) <= 12 else None
     if key == "member_id":
-        return value if isinstance(value, str) and _MEMBER.match(value) else None
-    return value if isinstance(value, str) and _SANE_ID.match(value) else None
+        return value if isinstance(value, str) and _MEMBER.fullmatch(value) else None
+    return value if isinstance(value, str) and _SANE_ID.fullmatch(value) else None
 
 
 def bind(**values: Any) -> None:
@@ -73,7 +72,7 @@ def bind(**values: Any) -> None:
 def new_request_id(incoming: str = "") -> str:
     """The client's (or proxy's) id when it is a short token of letters, digits, `._-`;
     otherwise a new random one."""
-    return incoming if _SANE_ID.match(incoming) else str(uuid.uuid4())
+    return incoming if _SANE_ID.fullmatch(incoming) else str(uuid.uuid4())
 
 
 class RequestContextMiddleware:
@@ -118,7 +117,9 @@ def enter_task(task_id: str | None = None, task: Any = None, **signal: Any) -> N
     if values["user_id"] is None:  # queued without a request (a sweep): the task says whom
         values["user_id"] = (signal.get("kwargs") or {}).get("user_id")
     fresh = {k: v for k, v in ((k, _sane(k, v)) for k, v in values.items()) if v is not None}
-    token = _context.set(fresh)
+    # Run in place (task.apply(): no message, no headers): it belongs to the caller's request.
+    inherited = (_context.get() or {}) if getattr(request, "is_eager", False) else {}
+    token = _context.set({**inherited, **fresh})
     if request is not None:
         request.flowpins_log_context = token
 
@@ -138,20 +139,10 @@ def leave_task(task: Any = None, **_: Any) -> None:
 # -- log records -------------------------------------------------------------------------------
 
 
-class ContextFilter(logging.Filter):
-    """Puts this request's or task's fields on every record (None where unknown)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        context = _context.get() or {}
-        for key in FIELDS:
-            if getattr(record, key, None) is None:
-                setattr(record, key, context.get(key))
-        return True
-
-
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the context fields, and the
-    exception (its traceback as text, secrets masked)."""
+    """One JSON object per line: time, level, logger, message, the context fields of the
+    request or task being served (None where unknown), and the exception (its traceback as
+    text, secrets masked). It reads the context itself, so it needs no filter on the handler."""
 
     def format(self, record: logging.LogRecord) -> str:
         context = _context.get() or {}
@@ -161,7 +152,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for key in FIELDS:
+        for key in FIELDS:  # from `extra=` when given, else this request's or task's
             value = getattr(record, key, None)
             entry[key] = value if value is not None else context.get(key)
         if record.exc_info:

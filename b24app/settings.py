@@ -212,9 +212,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
-    # First: every answer (a redirect, a refusal) carries its request id, and every log line
-    # written while it is served.
-    "b24app.logcontext.RequestContextMiddleware",
+    "b24app.logcontext.RequestContextMiddleware",  # first: a request id for every answer and line
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -352,38 +350,30 @@ if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
 # token was sent by then, so a redirect would protect nothing.
 SECURE_REDIRECT_EXEMPT = [*SECURE_REDIRECT_EXEMPT, r"^metrics$"]
 
-# --- Correlated logs and error reports (b24app/logcontext.py, b24app/errorreports.py) ---
-# LOG_FORMAT=json: one JSON object per line with the request id, member_id, user id and task id
-# (web and worker alike); "text" (the default) keeps the human-readable lines.
+# --- Correlated logs (b24app/logcontext.py), error reports to Sentry (b24app/errorreports.py) ---
 LOG_FORMAT: str = env.str("LOG_FORMAT", default="text").strip().lower()
 if LOG_FORMAT not in {"text", "json"}:
     raise ImproperlyConfigured('LOG_FORMAT must be "text" (the default) or "json".')
-# Error reports go to Sentry only when SENTRY_DSN is set (web and worker both read it); every
-# token, secret and frame POST field is scrubbed before an event leaves (errorreports.py).
-SENTRY_DSN: str = env.str("SENTRY_DSN", default="")
-SENTRY_ENVIRONMENT: str = env.str("SENTRY_ENVIRONMENT", default="production")
+SENTRY_DSN: str = env.str("SENTRY_DSN", default="")  # the SDK reads SENTRY_ENVIRONMENT itself
 if SENTRY_DSN:
     from b24app.errorreports import init_sentry
 
-    init_sentry(SENTRY_DSN, environment=SENTRY_ENVIRONMENT)
+    init_sentry(SENTRY_DSN)
 
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {
-        "redact": {"()": "b24app.logging.RedactSecretsFilter"},
-        "context": {"()": "b24app.logcontext.ContextFilter"},
-    },
+    "filters": {"redact": {"()": "b24app.logging.RedactSecretsFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
         "json": {"()": "b24app.logcontext.JsonFormatter"},
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "json" if LOG_FORMAT == "json" else "plain",
-            "filters": ["redact", "context"],
+            "formatter": LOG_FORMAT,
+            "filters": ["redact"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
@@ -393,7 +383,6 @@ LOGGING = {
         "requests_oauthlib": {"level": "WARNING"},
         "urllib3": {"level": "WARNING"},
         "celery": {"level": "INFO"},
-        # JSON lines only: Django's own console handler (DEBUG) would print them again as text.
-        **({"django": {"handlers": [], "level": "INFO"}} if LOG_FORMAT == "json" else {}),
+        **({"django": {"handlers": []}} if LOG_FORMAT == "json" else {}),  # no text copy (DEBUG)
     },
 }

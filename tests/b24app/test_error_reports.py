@@ -158,7 +158,7 @@ def test_an_error_in_a_frame_request_is_reported_without_any_secret(
         "PLACEMENT_OPTIONS": json.dumps({"ID": "17", "note": access}),
     }
     recorder.envelopes.clear()
-    init_sentry(recorder.dsn, environment="test")
+    init_sentry(recorder.dsn)
     try:
         answer = requests.post(
             f"{live_server.url}{frame_path(launched)}&auth={access}",

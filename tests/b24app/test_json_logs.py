@@ -189,7 +189,15 @@ def test_a_request_id_is_honoured_only_when_it_is_a_short_plain_token(db: Any) -
     client = Client()
     given = client.get("/ping", HTTP_X_REQUEST_ID="lb-7f3a9c2e.1")
     assert given.headers["X-Request-ID"] == "lb-7f3a9c2e.1"
-    for forged in ("x", "a" * 65, "abc def ghi", 'id"\n{"level":"CRITICAL"}', "ok-id\r\nX-Evil: 1"):
+    refused = (
+        "x",
+        "a" * 65,
+        "abc def ghi",
+        'id"\n{"level":"CRITICAL"}',
+        "abcdefgh\n",
+        "ok-id\r\nX: 1",
+    )
+    for forged in refused:
         answer = client.get("/ping", HTTP_X_REQUEST_ID=forged)
         assert re.fullmatch(r"[0-9a-f-]{36}", answer.headers["X-Request-ID"]), forged
     assert (
