@@ -13,6 +13,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from b24app.logging import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("FLOWPINS_VAR_DIR", BASE_DIR / "var"))
 
@@ -361,28 +363,4 @@ if SENTRY_DSN:
     init_sentry(SENTRY_DSN)
 
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "b24app.logging.RedactSecretsFilter"}},
-    "formatters": {
-        "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-        "json": {"()": "b24app.logcontext.JsonFormatter"},
-    },
-    "handlers": {
-        "console": {
-            "class": "logging.StreamHandler",
-            "formatter": LOG_FORMAT,
-            "filters": ["redact"],
-        }
-    },
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        # These libraries log request bodies and tokens at DEBUG: never let them.
-        "oauthlib": {"level": "WARNING"},
-        "requests_oauthlib": {"level": "WARNING"},
-        "urllib3": {"level": "WARNING"},
-        "celery": {"level": "INFO"},
-        **({"django": {"handlers": []}} if LOG_FORMAT == "json" else {}),  # no text copy (DEBUG)
-    },
-}
+LOGGING = logging_config(LOG_FORMAT, LOG_LEVEL)
