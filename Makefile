@@ -55,11 +55,17 @@ fmt: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python -m bench
 
-## messages: refresh the Russian catalog after changing texts, then compile it (needs gettext)
+# The catalogs the app ships (locale/<name>; settings.LANGUAGES lists the same languages).
+LOCALES := ru uk de es pt_BR pl
+
+## messages: refresh every catalog after changing texts, then compile them (needs gettext)
 messages: $(VENV)/.runtime
-	DEBUG=1 $(BIN)/python manage.py makemessages -l ru --ignore=.venv --ignore=sandbox \
-		--ignore=tests --ignore=bench --ignore=devtools
-	msgfmt --check -o locale/ru/LC_MESSAGES/django.mo locale/ru/LC_MESSAGES/django.po
+	DEBUG=1 $(BIN)/python manage.py makemessages $(addprefix -l ,$(LOCALES)) --ignore=.venv \
+		--ignore=sandbox --ignore=tests --ignore=bench --ignore=devtools
+	for l in $(LOCALES); do \
+		msgfmt --check -o locale/$$l/LC_MESSAGES/django.mo locale/$$l/LC_MESSAGES/django.po \
+			|| exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) var staticfiles mutants

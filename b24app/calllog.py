@@ -8,11 +8,15 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
+from b24app import metrics
 from b24app.bitrix.client import CallRecord
 from b24app.models import RestCall
 
 
 def record_call(record: CallRecord) -> None:
+    metrics.rest_call(
+        record.method, record.http_status, record.error, record.duration_ms / 1000, record.commands
+    )
     RestCall.objects.create(
         member_id=record.member_id,
         method=record.method[:100],

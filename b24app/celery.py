@@ -1,11 +1,15 @@
 """The Celery application. Workers run `celery -A b24app worker`."""
 
 import logging
+import logging.config
 import os
+import sys
 from typing import Any
 
 from celery import Celery, signals
 from kombu.transport import redis as kombu_redis
+
+from b24app import logcontext
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "b24app.settings")
 
@@ -52,12 +56,51 @@ def _refuse_unreadable_tokens(**kwargs: Any) -> None:
 def _filter_worker_log_handlers(logger: logging.Logger, **kwargs: Any) -> None:
     """Celery replaces the root logger's handlers with its own when a worker starts, and Django's
     redacting filter (settings.LOGGING) goes with them: put it on Celery's handlers too, so a
-    worker's log lines are masked and escaped like the web server's."""
+    worker's log lines are masked and escaped like the web server's. With LOG_FORMAT=json they
+    are JSON lines too, with the task's context (b24app.logcontext)."""
+    from django.conf import settings
+
+    from b24app.logcontext import JsonFormatter
     from b24app.logging import RedactSecretsFilter
 
     for handler in logger.handlers:
         if not any(isinstance(f, RedactSecretsFilter) for f in handler.filters):
             handler.addFilter(RedactSecretsFilter())
+        if settings.LOG_FORMAT == "json":
+            handler.setFormatter(JsonFormatter())
+
+
+def _json_from_the_start(**kwargs: Any) -> None:
+    """LOG_FORMAT=json: what the worker says before Celery sets up its logging (a warning such
+    as "running as root") is a JSON line too, not Python's plain warning text."""
+    from django.conf import settings
+
+    if settings.LOG_FORMAT == "json":
+        logging.config.dictConfig(settings.LOGGING)
+        logging.captureWarnings(True)
+
+
+def _json_worker_output(instance: Any = None, **kwargs: Any) -> None:
+    """LOG_FORMAT=json: the worker's start-up banner and its shutdown notices are printed, not
+    logged; they would be the only lines that are not JSON. No banner (Celery prints it after
+    this signal, unless quiet), and the notices as JSON lines."""
+    from celery.apps import worker as celery_worker
+    from django.conf import settings
+
+    from b24app.logcontext import JsonFormatter
+
+    if settings.LOG_FORMAT != "json" or instance is None:
+        return
+    instance.quiet = True
+    formatter = JsonFormatter()
+
+    def say(msg: str, f: Any = None) -> None:
+        record = logging.LogRecord(
+            "celery.apps.worker", logging.WARNING, __file__, 0, msg.strip(), None, None
+        )
+        print(formatter.format(record), file=f or sys.__stderr__, flush=True)
+
+    celery_worker.safe_say = say
 
 
 def _yield_cpu_to_the_web(**kwargs: Any) -> None:
@@ -74,3 +117,10 @@ signals.worker_init.connect(_refuse_unreadable_tokens)
 signals.worker_init.connect(_yield_cpu_to_the_web)
 signals.after_setup_logger.connect(_filter_worker_log_handlers)
 signals.after_setup_task_logger.connect(_filter_worker_log_handlers)
+signals.celeryd_init.connect(_json_from_the_start)
+signals.celeryd_after_setup.connect(_json_worker_output)
+# Correlated logs: the request's (or task's) request id, member_id and user id travel with every
+# task it queues, in the message headers, and the task's log lines carry them.
+signals.before_task_publish.connect(logcontext.add_context_to_message)
+signals.task_prerun.connect(logcontext.enter_task)
+signals.task_postrun.connect(logcontext.leave_task)

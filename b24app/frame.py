@@ -25,7 +25,7 @@ from typing import Any
 from django.conf import settings
 from django.http import HttpRequest, QueryDict
 
-from b24app import portal_client
+from b24app import langs, logcontext, portal_client
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.models import Portal, PortalUser
@@ -35,7 +35,6 @@ from b24app.stored import AlsoRead, stored_portal_and_user
 
 log = logging.getLogger(__name__)
 
-LANGS = {"en", "ru"}
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9._\-]{8,512}$")
 MEMBER_RE = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 _SECONDS_RE = re.compile(r"^[0-9]{1,10}$")  # ASCII digits only: "²".isdigit() is True
@@ -60,7 +59,7 @@ class VerifiedFrame:
     expires_in: int
     application_token: str = field(repr=False)
     scope: str
-    lang: str
+    lang: str  # the Django language the app speaks to this user (b24app.langs)
     placement: str
     placement_options: dict[str, Any] = field(default_factory=dict)
     portal: Portal | None = None  # the stored portal, when there is one
@@ -266,8 +265,7 @@ def verify_frame_post(
     if expires_in is None:
         raise Refused(400, "AUTH_EXPIRES must be a number of seconds.")
     options = _placement_options(options_raw)
-    lang = (request.GET.get("LANG") or "").lower()[:5]
-    lang = lang if lang in LANGS else "en"
+    lang = langs.speak(request.GET.get("LANG"))  # Bitrix24's code → a language we ship
 
     info = _vouch_for_frame(request, server_endpoint, access_token, member_id)
     assert info.user_id is not None  # vouch_for_token refuses an answer without one
@@ -276,6 +274,7 @@ def verify_frame_post(
         require_admin(info, server_endpoint, access_token)
     else:
         _refuse_unless_installed(portal, application_token)
+    logcontext.bind(member_id=info.member_id, user_id=info.user_id)  # verified: log lines say who
     return VerifiedFrame(
         portal=portal,
         user=user,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import Any
 
 SECRET_KEYS = (
     "access_token",
@@ -61,3 +62,34 @@ class RedactSecretsFilter(logging.Filter):
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True
+
+
+def logging_config(log_format: str, level: str) -> dict[str, Any]:
+    """Django's LOGGING: one console handler, every record through the filter above, in
+    `log_format` ("text", or "json": one object per line, b24app.logcontext.JsonFormatter)."""
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {"redact": {"()": "b24app.logging.RedactSecretsFilter"}},
+        "formatters": {
+            "text": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+            "json": {"()": "b24app.logcontext.JsonFormatter"},
+        },
+        "handlers": {
+            "console": {
+                "class": "logging.StreamHandler",
+                "formatter": log_format,
+                "filters": ["redact"],
+            }
+        },
+        "root": {"handlers": ["console"], "level": level},
+        "loggers": {
+            # These libraries log request bodies and tokens at DEBUG: never let them.
+            "oauthlib": {"level": "WARNING"},
+            "requests_oauthlib": {"level": "WARNING"},
+            "urllib3": {"level": "WARNING"},
+            "celery": {"level": "INFO"},
+            # no text copy of Django's records (DEBUG) beside the JSON ones
+            **({"django": {"handlers": []}} if log_format == "json" else {}),
+        },
+    }

@@ -8,7 +8,10 @@ shows the words it was given, or picks a notice by code) and logs. Typed errors 
 from __future__ import annotations
 
 from django.db import models
+from django.utils import translation
 from django.utils.translation import gettext as _
+
+from b24app import langs
 
 
 class Problem(models.TextChoices):
@@ -30,8 +33,14 @@ class Problem(models.TextChoices):
     NOT_SAVED = "not_saved", "a click was not recorded"
 
 
-def words(problem: str) -> str:
-    """The words the page shows for `problem`, in the active language ("" for none)."""
+def words(problem: str, language: str | None = None) -> str:
+    """The words the page shows for `problem` ("" for none), from the catalogs (locale/): in
+    `language` when given (a Django language; one the app does not ship falls back as
+    `langs.shipped` says, so a worker can speak a stored user's language), else in the active
+    language."""
+    if language is not None:
+        with translation.override(langs.shipped(language)):
+            return words(problem)
     texts: dict[str, str] = {
         Problem.DENIED: _("You can no longer see this flow."),
         Problem.RATE_LIMITED: _("Waiting for Bitrix24 (rate limit)…"),

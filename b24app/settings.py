@@ -13,6 +13,8 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from b24app.logging import logging_config
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("FLOWPINS_VAR_DIR", BASE_DIR / "var"))
 
@@ -175,6 +177,17 @@ FLOWPINS_PAGE_TOKEN_SECONDS: int = env.int("FLOWPINS_PAGE_TOKEN_SECONDS", defaul
 # The BX24 JS library (fitWindow, installFinish). Empty: do not load it (tests, offline demos).
 B24_JS_SDK_URL: str = env.str("B24_JS_SDK_URL", default="//api.bitrix24.com/api/v1/")
 
+# --- The admin's view (issue 13): a status section of the flows page for portal admins ---
+# Whether portal admins see it (on by default; each user's open asks the portal `user.admin`
+# once per the periods below at most — one REST request, in a worker; 0 turns it off).
+FLOWPINS_ADMIN_VIEW: bool = env.bool("FLOWPINS_ADMIN_VIEW", default=True)
+# How long the portal's "yes, an administrator" is trusted (a demoted admin loses the view then).
+FLOWPINS_ADMIN_CHECK_SECONDS: int = env.int("FLOWPINS_ADMIN_CHECK_SECONDS", default=300)
+# How long its "no" is trusted (a newly made admin sees the view after this at most).
+FLOWPINS_NON_ADMIN_CHECK_SECONDS: int = env.int(
+    "FLOWPINS_NON_ADMIN_CHECK_SECONDS", default=6 * 3600
+)
+
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 DATABASES = {
     "default": env.db_url("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'flowpins.sqlite3'}")
@@ -201,6 +214,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "b24app.logcontext.RequestContextMiddleware",  # first: a request id for every answer and line
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -237,7 +251,17 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en"
-LANGUAGES = [("en", "English"), ("ru", "Русский")]
+# The languages the app ships catalogs for (locale/); Bitrix24's own codes map onto these in
+# b24app/langs.py, and a language not listed here is spoken as the nearest one that is.
+LANGUAGES = [
+    ("en", "English"),
+    ("ru", "Русский"),
+    ("uk", "Українська"),
+    ("de", "Deutsch"),
+    ("es", "Español"),
+    ("pt-br", "Português (Brasil)"),
+    ("pl", "Polski"),
+]
 LOCALE_PATHS = [BASE_DIR / "locale"]
 USE_I18N = True
 TIME_ZONE = "UTC"
@@ -314,21 +338,29 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 CELERY_TASK_DEFAULT_QUEUE = "flowpins"
 
+# --- metrics (Prometheus) ---
+# Off unless METRICS_TOKEN is set: /metrics answers 404. With it, a scrape must send
+# "Authorization: Bearer <METRICS_TOKEN>" (README, "Metrics"). Several processes report through
+# PROMETHEUS_MULTIPROC_DIR, which prometheus-client reads from the environment itself.
+METRICS_TOKEN: str = env.str("METRICS_TOKEN", default="")
+if METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "METRICS_TOKEN must be 32 characters or more: "
+        'python -c "import secrets; print(secrets.token_urlsafe(32))"'
+    )
+# Prometheus scrapes over plain http inside the host (compose's network), like the probes; the
+# token was sent by then, so a redirect would protect nothing.
+SECURE_REDIRECT_EXEMPT = [*SECURE_REDIRECT_EXEMPT, r"^metrics$"]
+
+# --- Correlated logs (b24app/logcontext.py), error reports to Sentry (b24app/errorreports.py) ---
+LOG_FORMAT: str = env.str("LOG_FORMAT", default="text").strip().lower()
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured('LOG_FORMAT must be "text" (the default) or "json".')
+SENTRY_DSN: str = env.str("SENTRY_DSN", default="")  # the SDK reads SENTRY_ENVIRONMENT itself
+if SENTRY_DSN:
+    from b24app.errorreports import init_sentry
+
+    init_sentry(SENTRY_DSN)
+
 LOG_LEVEL: str = env.str("LOG_LEVEL", default="INFO")
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "filters": {"redact": {"()": "b24app.logging.RedactSecretsFilter"}},
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]}
-    },
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        # These libraries log request bodies and tokens at DEBUG: never let them.
-        "oauthlib": {"level": "WARNING"},
-        "requests_oauthlib": {"level": "WARNING"},
-        "urllib3": {"level": "WARNING"},
-        "celery": {"level": "INFO"},
-    },
-}
+LOGGING = logging_config(LOG_FORMAT, LOG_LEVEL)

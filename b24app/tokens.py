@@ -18,6 +18,7 @@ from django.db.models import F
 from django.utils import timezone
 from django.utils.crypto import salted_hmac
 
+from b24app import metrics
 from b24app.bitrix import oauth
 from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import (
@@ -153,6 +154,11 @@ def _answer_mismatch(tokens: oauth.TokenSet, portal: Portal, user: PortalUser) -
     return ""
 
 
+def _refresh(server_endpoint: str, refresh_token: str) -> oauth.TokenSet:
+    with metrics.counted_refresh():
+        return oauth.refresh(server_endpoint, refresh_token)
+
+
 def refresh_user_token(
     user_pk: int, failed_version: int, *, require_active: bool = True
 ) -> tuple[str, int]:
@@ -175,7 +181,7 @@ def refresh_user_token(
         if user.token_version != failed_version and not _expired(user):
             return user.access_token, user.token_version
         try:
-            tokens = oauth.refresh(portal.server_endpoint, user.refresh_token)
+            tokens = _refresh(portal.server_endpoint, user.refresh_token)
         except (AuthRevoked, InvalidToken, PortalGone, InvalidClient) as exc:
             failure = exc
         else:

@@ -23,7 +23,16 @@ from django.views.decorators.debug import sensitive_post_parameters
 from django.views.decorators.http import require_http_methods
 from redis.exceptions import RedisError
 
-from b24app import eventauth, frame, lifecycle, placements, portal_client, tasks, tokens
+from b24app import (
+    eventauth,
+    frame,
+    lifecycle,
+    logcontext,
+    placements,
+    portal_client,
+    tasks,
+    tokens,
+)
 from b24app.bitrix import oauth
 from b24app.bitrix.errors import (
     BitrixError,
@@ -211,6 +220,8 @@ def app(request: FrameRequest) -> HttpResponse:
 @entry("event handler")
 def events(request: HttpRequest) -> HttpResponse:
     event = eventauth.verify_event(request)
+    if event.portal is not None or event.info is not None:  # vouched for: log lines say whose
+        logcontext.bind(member_id=event.member_id)
     auth, info = event.auth, event.info
     if event.name in eventauth.ACKNOWLEDGED:
         log.info(

@@ -68,6 +68,17 @@ def _environment() -> tuple[dict[str, str], Path]:
     return env, var_dir
 
 
+def _metrics_dir(env: dict[str, str], var_dir: Path) -> None:
+    """With METRICS_TOKEN set, every process writes its metrics to one directory (var/metrics),
+    emptied here before any starts: files of an earlier run would add to this run's counts."""
+    if not env.get("METRICS_TOKEN"):
+        return
+    directory = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(var_dir / "metrics")))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+
+
 def _start_redis(sup: Supervisor, env: dict[str, str], var_dir: Path) -> None:
     """A private Redis (persisted under var/redis) as the broker; sets REDIS_URL."""
     redis_port = free_port()
@@ -124,13 +135,14 @@ def _web_command(host: str, port: int) -> list[str]:
     ]
 
 
-def _print_handlers(base: str, sandbox_url: str | None) -> None:
+def _print_handlers(base: str, sandbox_url: str | None, metrics: bool = False) -> None:
     print(
         "\n[flowpins] running. Register the app in Bitrix24 (scopes: task, placement) with:\n"
         f"  Application URL (handler):      {base}/b24/app/\n"
         f"  Application installer URL:      {base}/b24/install/\n"
         f"  Event handler URL:              {base}/b24/events/\n"
-        f"  Health:                         {base}/healthz\n",
+        f"  Health:                         {base}/healthz\n"
+        + (f"  Metrics (Bearer METRICS_TOKEN): {base}/metrics\n" if metrics else ""),
         flush=True,
     )
     if sandbox_url is not None:
@@ -162,6 +174,7 @@ def _serve(sup: Supervisor, mode: str, env: dict[str, str], var_dir: Path) -> in
             print("[flowpins] the private Redis did not start", flush=True)
             return 1
     sandbox_url = _start_sandbox(sup, env) if mode == "demo" else None
+    _metrics_dir(env, var_dir)
     _prepare_database(env)
     port = int(env["PORT"])
     web = sup.start("web", _web_command(env.get("HOST", "127.0.0.1"), port), env)
@@ -171,7 +184,7 @@ def _serve(sup: Supervisor, mode: str, env: dict[str, str], var_dir: Path) -> in
     except StartError:
         print("[flowpins] the web server did not start", flush=True)
         return 1
-    _print_handlers(env["B24_APP_BASE_URL"], sandbox_url)
+    _print_handlers(env["B24_APP_BASE_URL"], sandbox_url, bool(env.get("METRICS_TOKEN")))
     return 0
 
 

@@ -18,6 +18,7 @@ from django.utils.translation import gettext as _
 from django.views.decorators.csrf import csrf_exempt
 from redis.exceptions import RedisError
 
+from b24app import langs, logcontext
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem, Refused, words
@@ -31,7 +32,10 @@ MAX_FLOWS_PER_REQUEST = 500
 
 
 def page_token(portal: Portal, user: PortalUser, lang: str) -> str:
-    return signing.dumps({"p": portal.pk, "u": user.user_id, "l": lang}, salt=TOKEN_SALT)
+    # "m": the portal's member_id, for the log lines of the page's requests (no query needed).
+    return signing.dumps(
+        {"p": portal.pk, "u": user.user_id, "l": lang, "m": portal.member_id}, salt=TOKEN_SALT
+    )
 
 
 @dataclass(frozen=True)
@@ -52,10 +56,12 @@ def page_claims(request: HttpRequest) -> PageClaims:
         raise Refused(401, _("This page has expired: please reopen the app.")) from None
     except signing.BadSignature:
         raise Refused(403, _("This request was not issued by the app.")) from None
-    translation.activate(data.get("l") or "en")
+    # The language the page was rendered in; one no longer shipped falls back (b24app.langs).
+    translation.activate(langs.shipped(data.get("l")))
     portal_id, user_id = data.get("p"), data.get("u")
     if not isinstance(portal_id, int) or not isinstance(user_id, int):
         raise Refused(403, _("This request was not issued by the app."))
+    logcontext.bind(member_id=data.get("m"), user_id=user_id)
     return PageClaims(portal_id, user_id)
 
 
@@ -83,6 +89,9 @@ API_LIMITS: dict[str, tuple[float, int]] = {
     "add_flow": (0.5, 5),
     # A read costs the portal one request per 25 flows (40 for 1,000): one a minute, after two.
     "check_pins": (1 / 60, 2),
+    # The admin's section: polled every second while a re-binding or a read runs.
+    "admin_status": (2.0, 40),
+    "admin_rebind": (0.1, 3),
 }
 
 

@@ -7,9 +7,10 @@ class FlowsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from b24app import metrics
         from b24app.placements import DEFAULT, Placement, register
         from flows import signals  # noqa: F401  (connects the uninstall receiver)
-        from flows.intents import PAGE_STATE
+        from flows.intents import PAGE_STATE, pending_facts
         from flows.page import app_view
 
         # The flows page is the app's own page and its left-menu item; a reopen reads the
@@ -17,3 +18,4 @@ class FlowsConfig(AppConfig):
         register(Placement(DEFAULT, app_view, also=PAGE_STATE))
         title = {"en": "Flow Pins", "ru": "Закрепление потоков"}
         register(Placement("LEFT_MENU", app_view, title=title, also=PAGE_STATE))
+        metrics.register_fact(pending_facts)  # the pins waiting, read when Prometheus asks

@@ -13,9 +13,10 @@ from typing import Any, NamedTuple
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Count, Min, QuerySet
 from django.utils import timezone
 
-from b24app import stored
+from b24app import metrics, stored
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
 from flows.models import Flow, PinIntent, PinRead
@@ -40,6 +41,7 @@ def _upsert_sql(count: int) -> str:
     intent, flow = qn(PinIntent._meta.db_table), qn(Flow._meta.db_table)
     portal, user = qn(Portal._meta.db_table), qn(PortalUser._meta.db_table)
     ids = ", ".join(["(%s)"] * count)
+    # created_at is the click's time: a click makes a new intent (metrics: click → settled).
     # Unless told to record anything (the first parameter): every row or none, and only when
     # each flow named is known on the portal and the portal is active with this user in it.
     # Only our own table names and placeholders go into the text; every value is a parameter.
@@ -57,7 +59,8 @@ def _upsert_sql(count: int) -> str:
         )
         ON CONFLICT (portal_id, user_id, flow_id) DO UPDATE SET
             desired = excluded.desired, toggles = 0, problem = '',
-            status = excluded.status, updated_at = excluded.updated_at
+            status = excluded.status, updated_at = excluded.updated_at,
+            created_at = excluded.created_at
         RETURNING id, flow_id, desired, observed, status, problem
     """  # noqa: S608
 
@@ -148,18 +151,46 @@ def pending_users() -> list[tuple[int, int]]:
     )
 
 
+def settle(scope: QuerySet[PinIntent], status: str, problem: str, **still: Any) -> int:
+    """Close the pending intents of `scope` (that still match `still`) as `status`, counted.
+    With metrics on, each one's wait since its click too: read back by the UPDATE's own
+    timestamp, so a click that lands after it is not taken for a settled one."""
+    now = timezone.now()
+    rows = scope.filter(status=PinIntent.Status.PENDING, **still)
+    settled = int(rows.update(status=status, problem=problem, updated_at=now))
+    waits = None
+    if settled and metrics.enabled():
+        clicks = scope.filter(status=status, updated_at=now).values_list("created_at", flat=True)
+        waits = [(now - clicked).total_seconds() for clicked in clicks]
+    metrics.pins_settled(status, problem, waits, settled)
+    return settled
+
+
 def fail_pending(portal_id: int, user_id: int, problem: str) -> int:
-    return int(
-        _pending(portal_id, user_id).update(
-            status=PinIntent.Status.FAILED, problem=problem, updated_at=timezone.now()
-        )
-    )
+    scope = PinIntent.objects.filter(portal_id=portal_id, user_id=user_id)
+    return settle(scope, PinIntent.Status.FAILED, problem)
 
 
 def cancel_portal_work(portal: Portal) -> int:
-    return PinIntent.objects.filter(portal=portal, status=PinIntent.Status.PENDING).update(
-        status=PinIntent.Status.FAILED, problem=Problem.REINSTALL
+    scope = PinIntent.objects.filter(portal=portal)
+    return settle(scope, PinIntent.Status.FAILED, Problem.REINSTALL)
+
+
+def pending_facts() -> list[Any]:
+    """Scrape-time facts (b24app.metrics): the intents waiting, and the oldest one's wait."""
+    found = PinIntent.objects.filter(status=PinIntent.Status.PENDING).aggregate(
+        count=Count("pk"), oldest=Min("created_at")
     )
+    oldest = found["oldest"]
+    age = (timezone.now() - oldest).total_seconds() if oldest is not None else 0.0
+    return [
+        metrics.gauge("flowpins_pin_intents_pending", "Pin intents waiting", found["count"]),
+        metrics.gauge(
+            "flowpins_pin_intents_oldest_pending_seconds",
+            "How long the oldest waiting pin intent has waited since its click (0: none waits)",
+            age,
+        ),
+    ]
 
 
 def prune_settled(*, days: int | None = None) -> int:

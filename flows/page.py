@@ -26,7 +26,7 @@ from django.utils.translation import ngettext, trans_real
 from b24app.models import Portal, PortalUser
 from b24app.placements import FrameRequest
 from b24app.problems import Problem, words
-from flows import intents, pinread, snapshots, tasks
+from flows import adminview, intents, pinread, snapshots, tasks
 from flows.apiauth import MAX_FLOWS_PER_REQUEST, page_token
 from flows.listing import REFRESH_SKIP_SECONDS
 from flows.rows import json_for_script, sorted_rows
@@ -194,6 +194,9 @@ def app_page(
         "fast_poll_seconds": PAGE_FAST_POLL_SECONDS,
         "chunk": MAX_FLOWS_PER_REQUEST,
         "plurals": _page_plurals(lang),
+        # Whether the portal calls this user an administrator (None: being asked): the
+        # script then asks for the admin's section, which the server gives only to them.
+        "admin": adminview.on_open(portal.pk, user.user_id),
     }
     html = _fill(
         _shell(loading, problem),

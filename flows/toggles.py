@@ -17,7 +17,7 @@ from django.db import transaction
 from django.db.models import F, Value
 from django.utils import timezone
 
-from b24app import tokens
+from b24app import metrics, tokens
 from b24app.bitrix.client import BATCH_LIMIT
 from b24app.bitrix.errors import (
     AccessDenied,
@@ -140,9 +140,7 @@ def finish(intent_ids: list[int], status: str, problem: str, **still: Any) -> No
     """Close pending intents. `still` re-checks, in the same UPDATE, what the verdict rests on:
     a click that landed after the intents were read must not be closed with a stale verdict."""
     if intent_ids:
-        PinIntent.objects.filter(
-            pk__in=intent_ids, status=PinIntent.Status.PENDING, **still
-        ).update(status=status, problem=problem, updated_at=timezone.now())
+        intents.settle(PinIntent.objects.filter(pk__in=intent_ids), status, problem, **still)
 
 
 def _mark_problem(intent_ids: list[int], problem: str) -> None:
@@ -255,6 +253,7 @@ def _request_failed(
         quiet_until = timezone.now() + timedelta(seconds=quiet_period(exc))
         record_answers({fid: None for fid in chunk}, chunk, not_before=quiet_until)
         _mark_problem(pks, Problem.UNAVAILABLE)
+        metrics.pin_toggles("lost", len(chunk))
         return "lost"
     if isinstance(exc, TransientError):
         _mark_problem(pks, Problem.UNAVAILABLE)
@@ -294,6 +293,10 @@ def _read_answers(
                 log.warning("pin of flow %s failed permanently: %s", fid, answer.code)
     if observed:
         record_answers(observed, chunk)
+        pinned = sum(1 for state in observed.values() if state)
+        metrics.pin_toggles("pinned", pinned)
+        metrics.pin_toggles("unpinned", len(observed) - pinned)
+    metrics.pin_toggles("unreadable", len(unreadable))
     if unreadable:
         record_answers(unreadable, chunk, count=True)
     if denied:

@@ -11,8 +11,9 @@ from the portal's own origin (with distinct hosts, ``http://127.0.0.N:PORT``), s
 parent is that origin and the app's origin differs from it, as in production. The page calls
 the control API same-origin (it answers on every host).
 
-Query parameters: ``user`` (user id), ``lang`` (``en``/``ru``), ``open=1`` (open the app on
-load), ``installer=1`` (open the installer instead), ``placement`` (a bound placement code).
+Query parameters: ``user`` (user id), ``lang`` (a Bitrix24 language code, ``LANGUAGES``),
+``open=1`` (open the app on load), ``installer=1`` (open the installer instead), ``placement``
+(a bound placement code).
 The page also listens for ``postMessage`` from the frame: a message that is (or contains) the
 BX24 command ``setInstallFinish`` - or ``{"command": "installFinish"}`` - finishes the
 installation, ``{"command": "resizeWindow", "height": N}`` resizes the frame.
@@ -42,6 +43,30 @@ def _script_json(data: Any) -> str:
     return text
 
 
+# The picker's languages: Bitrix24's own codes (`LANG` of the frame), as its cloud offers them.
+LANGUAGES = (
+    ("en", "English"),
+    ("ru", "Русский"),
+    ("ua", "Українська"),
+    ("de", "Deutsch"),
+    ("la", "Español"),
+    ("br", "Português (Brasil)"),
+    ("pl", "Polski"),
+    ("fr", "Français"),
+    ("it", "Italiano"),
+    ("tr", "Türkçe"),
+    ("kz", "Қазақша"),
+    ("sc", "中文（简体）"),
+    ("tc", "中文（繁體）"),
+    ("ja", "日本語"),
+    ("vn", "Tiếng Việt"),
+    ("id", "Bahasa Indonesia"),
+    ("ms", "Bahasa Melayu"),
+    ("th", "ภาษาไทย"),
+    ("ar", "العربية"),
+)
+
+
 def _user_badge(user: User) -> str:
     if user.admin:
         return " (admin)"
@@ -61,7 +86,7 @@ def render_portal_page(
     """The portal shell. Call with the state lock held."""
     if user_id not in portal.users:
         user_id = 1
-    lang = lang if lang in ("en", "ru") else portal.language
+    lang = lang if lang in dict(LANGUAGES) else portal.language
     config = {
         "portal": portal.name,
         "control": f"/_sandbox/p/{portal.name}/",
@@ -120,7 +145,7 @@ def _main(portal: Portal, user_id: int, lang: str, installer: bool) -> str:
     )
     lang_options = "".join(
         f'<option value="{code}"{" selected" if code == lang else ""}>{label}</option>'
-        for code, label in (("en", "English"), ("ru", "Русский"))
+        for code, label in LANGUAGES
     )
     finish_hidden = "" if installer else " hidden"
     return f"""  <main class="main">

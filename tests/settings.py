@@ -24,6 +24,9 @@ os.environ.setdefault("B24_JS_SDK_URL", "")
 # Reading pin states toggles pins in the sandbox: only the tests about it turn it on
 # (tests/flows/test_pinread.py), so every other count of toggles stays exact.
 os.environ.setdefault("FLOWPINS_READ_PINS", "0")
+# The admin's view asks the portal `user.admin` on a user's open: only its tests turn it on
+# (tests/flows/test_admin_view.py, test_admin_browser.py, the languages' browser test).
+os.environ.setdefault("FLOWPINS_ADMIN_VIEW", "0")
 os.environ.setdefault("FLOWPINS_ENV_FILE", os.devnull)
 # The tests (and the web and worker processes they start) speak plain http on 127.0.0.1, with no
 # TLS proxy in front: the production https redirect would answer every request with a 301.

@@ -17,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 
+from b24app import metrics
 from b24app.bitrix.errors import OperationTimeLimit, RateLimited
 from b24app.redisconn import redis_client
 
@@ -93,6 +94,7 @@ class PortalRateLimiter:
             keys=[self.key], args=[f"{time.time():.6f}", interval, burst, max_wait]
         )
         wait = float(wait_s)
+        metrics.limiter_waited(self.member_id, wait, deferred=not allowed, bulk=reserve > 0)
         if not allowed:
             raise RateLimited(
                 "LOCAL_RATE_LIMIT", "waiting for the portal's request budget", retry_after=wait

@@ -1,5 +1,7 @@
 """End to end in headless Chromium: the sandbox's portal page frames the app (different
-origins), a user pins and unpins, and the sandbox's own record agrees. Saves a screenshot."""
+origins), a user pins and unpins, and the sandbox's own record agrees; the page opened in each
+of Bitrix24's languages we ship shows no English, the admin's section included. Saves
+screenshots."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from typing import Any
 import pytest
 from django.test import Client
 
+from b24app.models import Portal
 from flows import page as flows_page
+from flows.models import PinIntent
+from tests.flows.test_i18n import parse_po
 from tests.helpers import install, portal_pins, sb, settle_background_work, visible_to
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.browser, pytest.mark.services]
@@ -260,3 +265,126 @@ def test_flows_pinned_in_bitrix24_show_pinned_on_the_first_open_and_stay_pinned(
     } == pinned
     assert frame.locator("#check-pins").is_visible()
     assert {uid: portal_pins(sandbox, uid) for uid in range(1, 7)} == everyone
+
+
+@pytest.fixture
+def admin_view(settings: Any, redis_client: Any) -> Iterator[None]:
+    """The admin's view on (the test settings turn it off); afterwards, until the work it
+    queued (asking the portal who is an admin, reading its bindings) is done."""
+    settings.FLOWPINS_ADMIN_VIEW = True
+    yield
+    deadline = time.monotonic() + 30
+    while list(redis_client.scan_iter(match="fp:admin_*_queued:*")):
+        assert time.monotonic() < deadline, "the admin view's work did not finish"
+        time.sleep(0.05)
+
+
+def _admin_section_shown(frame: Any) -> None:
+    """Until the admin's section shows the bindings Bitrix24 reports and the re-binding's
+    result."""
+    frame.locator("#admin-bindings li.bound").nth(2).wait_for(timeout=20000)
+    frame.locator('#admin-rebind-state[data-state="done"]').wait_for(timeout=30000)
+
+
+# Bitrix24's LANG → the language the page must be written in (b24app.langs).
+SHIPPED = {"ua": "uk", "de": "de", "la": "es", "br": "pt-br", "pl": "pl", "ru": "ru"}
+# Words a language shares with English by right (German says "Flow" and "Status" too): not
+# counted as English left on that language's page.
+SAME_AS_ENGLISH = {"de": {"Flow", "Status", "Installation"}, "es": {"%(errors)s error"}}
+# Everything the page shows or will show: every text node of the frame's document (hidden
+# notices too), the titles, labels, placeholders and alt texts, the document's title, and the
+# texts the page's script shows later (its messages and every plural form).
+PAGE_TEXTS = """root => {
+  const doc = root.ownerDocument, out = [doc.title];
+  const walker = doc.createTreeWalker(doc.body, NodeFilter.SHOW_TEXT);
+  for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+    const tag = node.parentElement ? node.parentElement.tagName : "";
+    if (tag !== "SCRIPT" && tag !== "STYLE") out.push(node.textContent);
+  }
+  for (const el of doc.querySelectorAll("[title], [aria-label], [placeholder], [alt], input")) {
+    for (const name of ["title", "aria-label", "placeholder", "alt"]) {
+      if (el.hasAttribute(name)) out.push(el.getAttribute(name));
+    }
+    if (["button", "submit", "reset"].includes(el.type)) out.push(el.value);
+  }
+  out.push(...Object.values(JSON.parse(doc.getElementById("fp-messages").textContent)));
+  const plurals = JSON.parse(doc.getElementById("fp-page").textContent).plurals.forms;
+  for (const forms of Object.values(plurals)) out.push(...forms);
+  return out.map(t => t.replace(/\\s+/g, " ").trim()).filter(t => t);
+}"""
+
+
+def _english_messages() -> dict[str, re.Pattern[str]]:
+    """Every English message of the app (msgids and their plurals), as a pattern that matches
+    it with any values in its placeholders."""
+    po = (ARTIFACTS.parent.parent / "locale" / "ru" / "LC_MESSAGES" / "django.po").read_text(
+        encoding="utf-8"
+    )
+    english: dict[str, re.Pattern[str]] = {}
+    for entry in parse_po(po).values():
+        for message in filter(None, (entry.msgid, entry.plural)):
+            parts = re.split(r"%\(\w+\)[sd]", " ".join(message.split()))
+            english[message] = re.compile(".+".join(re.escape(part) for part in parts))
+    return english
+
+
+def _pieces(text: str) -> set[str]:
+    """The text and the parts it joins with "·", "—" or commas (one text node of the admin's
+    section holds several messages: "0 errors · 0 refused for the rate limit (503)")."""
+    return {text, *filter(None, (p.strip() for p in re.split(r"[·—]|,\s", text)))}
+
+
+def _english_left(texts: list[str], allowed: set[str]) -> list[str]:
+    english = _english_messages()
+    return sorted(
+        {
+            piece
+            for text in texts
+            for piece in _pieces(text)
+            for message, pattern in english.items()
+            if message not in allowed and pattern.fullmatch(piece)
+        }
+    )
+
+
+def test_the_page_in_each_bitrix24_language_we_ship_has_no_english_left(
+    page_for: Any, settings: Any, admin_view: None
+) -> None:
+    """Opened by the portal's admin, with every part shown: the admin's section too, with a
+    failed pin and the result of a re-binding (asked once; later pages show it too)."""
+    assert set(SHIPPED.values()) == {code for code, _name in settings.LANGUAGES} - {"en"}
+    settings.FLOWPINS_READ_PINS = True  # its button ("Check pins in Bitrix24") is shown too
+    PinIntent.objects.create(
+        portal=Portal.objects.get(),
+        user_id=3,
+        flow_id=101,
+        desired=True,
+        status=PinIntent.Status.FAILED,
+        problem="denied",
+    )  # listed in the section, with its plurals
+    page, frame = page_for(1, "en")
+    _loaded(frame)
+    frame.locator("#admin-bindings li.bound").nth(2).wait_for(timeout=20000)
+    frame.locator("#admin-rebind").click()
+    _admin_section_shown(frame)
+    english = _english_left(frame.locator("html").evaluate(PAGE_TEXTS), set())
+    assert {"Pin all", "Search flows", "Flow", "Status", "Pin"} <= set(english)  # it can see
+    assert {"For administrators", "Installed and active", "1 pin", "1 user"} <= set(english)
+    for shown in (r"\d+ errors?", r"Re-bound at .+"):  # ...the admin's section's lines too
+        assert any(re.fullmatch(shown, t) for t in english), (shown, english)
+    ARTIFACTS.mkdir(exist_ok=True)
+    left: dict[str, list[str]] = {}
+    for code, language in SHIPPED.items():
+        page, frame = page_for(1, code)
+        _loaded(frame)
+        _admin_section_shown(frame)
+        assert frame.locator("html").get_attribute("lang") == language
+        texts = frame.locator("html").evaluate(PAGE_TEXTS)
+        if found := _english_left(texts, SAME_AS_ENGLISH.get(language, set())):
+            left[code] = found
+        page.screenshot(path=str(ARTIFACTS / f"flows-page-{language}.png"), full_page=True)
+        frame.locator("#admin-section").screenshot(
+            path=str(ARTIFACTS / f"admin-section-{language}.png")
+        )
+        page.close()
+    assert left == {}

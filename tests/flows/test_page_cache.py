@@ -105,7 +105,12 @@ def test_warm_pages_of_two_users_two_portals_and_two_languages_never_mix(sandbox
             else:
                 assert pinned == [] and all(r["intent"] is None for r in shown), (name, user_id)
             claims = token_claims(response)
-            assert claims == {"p": portals[name].pk, "u": user_id, "l": lang}
+            assert claims == {
+                "p": portals[name].pk,
+                "u": user_id,
+                "l": lang,
+                "m": portals[name].member_id,
+            }
             assert nonces(response) == {csp_nonce(response)}
             html = response.content.decode()
             other = "beta" if name == "alpha" else "alpha"

@@ -6,10 +6,10 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
-from django.db.models import Count, Max, Q
 from django.utils import timezone
 
-from b24app.models import Portal, PortalUser, RestCall
+from b24app.models import Portal
+from b24app.status import ACTIVE_USERS, REOPEN_USERS, rest_usage
 
 
 class Command(BaseCommand):
@@ -20,10 +20,9 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         since = timezone.now() - timedelta(hours=options["hours"])
-        portals = Portal.objects.annotate(
-            active=Count("users", filter=Q(users__state=PortalUser.State.ACTIVE)),
-            reopen=Count("users", filter=Q(users__state=PortalUser.State.NEEDS_REOPEN)),
-        ).order_by("domain")
+        portals = Portal.objects.annotate(active=ACTIVE_USERS, reopen=REOPEN_USERS).order_by(
+            "domain"
+        )
         header = (
             f"{'domain':32} {'member_id':12} {'state':16} {'users':>5} {'reopen':>6} "
             f"{'calls':>6} {'errors':>6} {'503s':>5}  last call"
@@ -31,17 +30,12 @@ class Command(BaseCommand):
         self.stdout.write(header)
         self.stdout.write("-" * len(header))
         for p in portals:
-            stats = RestCall.objects.filter(member_id=p.member_id, created_at__gte=since).aggregate(
-                calls=Count("id"),
-                errors=Count("id", filter=~Q(error="")),
-                limited=Count("id", filter=Q(error="QUERY_LIMIT_EXCEEDED")),
-                last=Max("created_at"),
-            )
-            last = stats["last"].strftime("%Y-%m-%d %H:%M:%S") if stats["last"] else "never"
+            used = rest_usage(p.member_id, since)
+            last = used.last.strftime("%Y-%m-%d %H:%M:%S") if used.last else "never"
             state = p.state + (" !" if p.state != Portal.State.ACTIVE else "")
             self.stdout.write(
                 f"{p.domain[:32]:32} {p.member_id[:12]:12} {state:16} {p.active:>5} "
-                f"{p.reopen:>6} {stats['calls']:>6} {stats['errors']:>6} {stats['limited']:>5}"
+                f"{p.reopen:>6} {used.calls:>6} {used.errors:>6} {used.limited:>5}"
                 f"  {last}"
             )
             if p.state_reason:
