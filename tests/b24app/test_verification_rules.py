@@ -130,7 +130,7 @@ def test_missing_optional_fields_take_their_defaults(installed: Portal, sandbox:
         "APPLICATION_SCOPE",
     ):
         form.pop(name)
-    verified = _verify(form, query="?LANG=de")
+    verified = _verify(form, query="?LANG=fr")  # a Bitrix24 language with no catalog here
     assert verified.expires_in == 3600
     assert verified.placement == "DEFAULT"
     assert verified.placement_options == {}
