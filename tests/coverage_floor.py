@@ -20,12 +20,12 @@ import pytest
 # "Tests"): a change that drops a group's tested branches fails the run; raise them as tests grow.
 GROUPS: dict[str, tuple[float, tuple[str, ...]]] = {
     "verification": (
-        87.0,
+        90.0,
         ("b24app/frame.py", "b24app/eventauth.py", "b24app/bitrix/oauth.py", "flows/apiauth.py"),
     ),
-    "tokens": (83.0, ("b24app/tokens.py",)),
+    "tokens": (94.0, ("b24app/tokens.py",)),
     "convergence": (
-        84.0,
+        92.0,
         ("flows/converge.py", "flows/toggles.py", "flows/lock.py", "flows/intents.py"),
     ),
 }
