@@ -167,7 +167,7 @@ def result_label(error: str) -> str:
         return error
     if error == "0":  # flow methods' "access denied or not found"
         return "ACCESS_DENIED"
-    if error.startswith("HTTP_") and error[5:6] in "45":
+    if error.startswith("HTTP_") and len(error) > 5 and error[5] in "45":
         return f"HTTP_{error[5]}xx"
     return "other"
 

@@ -30,7 +30,7 @@ from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import BitrixError, RateLimited, ReopenRequired
 from b24app.bitrix.ratelimit import PortalRateLimiter
 from b24app.calllog import record_call
-from b24app.models import Portal, PortalUser
+from b24app.models import Portal, PortalUser, RestCall
 from devtools.run import _metrics_dir
 from devtools.supervisor import Process
 from flows import intents
@@ -324,6 +324,52 @@ def test_no_label_value_holds_a_secret(
     assert len(labels) > 10  # REST methods, results, statuses, outcomes: there was traffic
     leaked = {v for v in labels for s in secrets if s in v}
     assert not leaked
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_error_of_just_http_is_logged_and_counted_as_other(
+    metrics_on: None, lying_portal: tuple[str, type[_Liar]]
+) -> None:
+    endpoint, liar = lying_portal
+    liar.code = "HTTP_"  # a portal may answer any string
+    lied_to = PortalClient(member_id="liar", endpoint=endpoint, on_call=record_call)
+    with pytest.raises(BitrixError):
+        lied_to.call("profile", token="t" * 40)
+    assert list(RestCall.objects.filter(member_id="liar").values_list("method", "error")) == [
+        ("profile", "HTTP_")
+    ]
+    samples = scrape_local(Client())
+    assert value(samples, "flowpins_rest_calls_total", method="profile", result="other") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_metrics_failure_keeps_the_call_log_row_and_is_logged_once(
+    metrics_on: None,
+    lying_portal: tuple[str, type[_Liar]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The metrics' files cannot be written (a full disk): the Market's call log still gets
+    every row, and the failure is logged once, without its text (it may echo the portal)."""
+    from b24app import calllog, metrics
+
+    def full_disk(*labels: str) -> None:
+        raise OSError(28, "No space left on device", "counter_1.db")
+
+    monkeypatch.setattr(metrics.REST_CALLS, "labels", full_disk)
+    monkeypatch.setattr(calllog, "_metrics_failure_logged", False, raising=False)
+    endpoint, liar = lying_portal
+    liar.code = "SECRET_ECHO_0123456789"
+    lied_to = PortalClient(member_id="liar", endpoint=endpoint, on_call=record_call)
+    for _ in range(2):
+        with pytest.raises(BitrixError):
+            lied_to.call("profile", token="t" * 40)
+    assert RestCall.objects.filter(member_id="liar", error=liar.code).count() == 2
+    warned = [r for r in caplog.records if "not being counted" in r.getMessage()]
+    assert [r.getMessage() for r in warned] == [
+        "REST calls are not being counted in the metrics: OSError"
+    ]
+    assert "No space left" not in caplog.text and liar.code not in caplog.text
 
 
 # --- every process in one scrape: gunicorn and a Celery worker, as deployed ---------------------
