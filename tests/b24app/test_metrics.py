@@ -250,13 +250,19 @@ def test_make_run_gives_the_processes_one_emptied_metrics_directory(tmp_path: Pa
     stale = tmp_path / "metrics" / "counter_old-1.db"
     stale.parent.mkdir()
     stale.write_bytes(b"an earlier run")
+    older = [stale.with_name(n) for n in ("gauge_livesum_2.db", "histogram_3.db", "summary_4.db")]
+    for file in older:
+        file.write_bytes(b"an earlier run")
+    foreign = stale.with_name("notes.db")  # PROMETHEUS_MULTIPROC_DIR may be shared: not ours
+    foreign.write_bytes(b"someone else's")
     off: dict[str, str] = {}
     _metrics_dir(off, tmp_path)
     assert "PROMETHEUS_MULTIPROC_DIR" not in off and stale.exists()  # metrics off: untouched
     on = {"METRICS_TOKEN": TOKEN}
     _metrics_dir(on, tmp_path)
     assert on["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics")
-    assert not stale.exists()
+    assert not stale.exists() and not any(file.exists() for file in older)
+    assert foreign.read_bytes() == b"someone else's"
 
 
 # --- no secret in a label ---------------------------------------------------------------------
