@@ -114,6 +114,36 @@ def test_a_short_metrics_token_stops_start_up() -> None:
     assert "METRICS_TOKEN must be 32 characters or more" in done.stderr
 
 
+def _check(tmp_path: Path, **env: str) -> str:
+    """What `manage.py check` says, in a fresh process with this environment."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"METRICS_TOKEN", "PROMETHEUS_MULTIPROC_DIR"}
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "check"],
+        env={**base, "DJANGO_SETTINGS_MODULE": "tests.settings", **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # a warning, not a refusal
+    return done.stdout + done.stderr
+
+
+def test_metrics_without_the_shared_directory_are_warned_of(tmp_path: Path) -> None:
+    """The app always runs a web and a worker: without one directory for both, a scrape of
+    the web never shows the worker's counts."""
+    alone = _check(tmp_path, METRICS_TOKEN=TOKEN)
+    assert "b24app.W001" in alone and "never shows the Celery worker's counts" in alone
+    assert TOKEN not in alone
+    shared = _check(tmp_path, METRICS_TOKEN=TOKEN, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    assert "W001" not in shared and "no issues" in shared
+    assert "W001" not in _check(tmp_path)  # metrics off
+
+
 def _in_a_process(directory: str, code: str, cwd: Path) -> None:
     """Run `code` in a fresh process of the app, with PROMETHEUS_MULTIPROC_DIR=`directory`."""
     env = {
