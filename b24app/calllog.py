@@ -3,6 +3,7 @@ B24_CALL_LOG_DAYS (the Market asks for three days at least)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from django.conf import settings
@@ -12,11 +13,13 @@ from b24app import metrics
 from b24app.bitrix.client import CallRecord
 from b24app.models import RestCall
 
+log = logging.getLogger(__name__)
+_metrics_failure_logged = False
+
 
 def record_call(record: CallRecord) -> None:
-    metrics.rest_call(
-        record.method, record.http_status, record.error, record.duration_ms / 1000, record.commands
-    )
+    """Log the call (the row first: the Market requires it), then count it in the metrics."""
+    global _metrics_failure_logged
     RestCall.objects.create(
         member_id=record.member_id,
         method=record.method[:100],
@@ -25,6 +28,18 @@ def record_call(record: CallRecord) -> None:
         duration_ms=record.duration_ms,
         commands=record.commands,
     )
+    try:
+        metrics.rest_call(
+            record.method,
+            record.http_status,
+            record.error,
+            record.duration_ms / 1000,
+            record.commands,
+        )
+    except Exception as exc:  # a metric is not worth a failed call; logged once, its type only
+        if not _metrics_failure_logged:  # (its text could hold what the portal answered)
+            _metrics_failure_logged = True
+            log.warning("REST calls are not being counted in the metrics: %s", type(exc).__name__)
 
 
 def prune_call_log() -> int:

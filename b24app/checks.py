@@ -1,4 +1,5 @@
-"""Start-up check: the configured B24_TOKEN_KEY can read the tokens already stored.
+"""Start-up checks: the configured B24_TOKEN_KEY can read the tokens already stored; metrics
+that are on reach one scrape from every process (a warning).
 
 A key set that cannot decrypt them does not fail at start-up on its own: every page open, event
 and pin would fail later, one by one, and a token that cannot be read cannot be refreshed either
@@ -17,13 +18,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from django.conf import settings
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 from django.db.models import Model, TextField
 from django.db.models.functions import Cast
 
-from b24app import crypto
+from b24app import crypto, metrics
 from b24app.models import Portal, PortalUser
 
 log = logging.getLogger(__name__)
@@ -103,3 +105,23 @@ def refuse_unreadable_tokens() -> None:
         connections.close_all()
     if problem:
         raise ImproperlyConfigured(problem)
+
+
+METRICS_ALONE = (
+    "METRICS_TOKEN is set but PROMETHEUS_MULTIPROC_DIR is not: every process counts alone, so a "
+    "scrape (answered by one web process) never shows the Celery worker's counts (its REST "
+    "calls, pins settled, token refreshes) nor the other web processes'."
+)
+
+
+def check_metrics_directory(
+    app_configs: Sequence[Any] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """System check: metrics on, but without the directory every process writes them to."""
+    if not settings.METRICS_TOKEN or metrics.MULTIPROC_DIR:
+        return []
+    hint = (
+        "Set PROMETHEUS_MULTIPROC_DIR to one directory every web and worker process can write, "
+        "emptied before they start (make run and compose set it)."
+    )
+    return [checks.Warning(METRICS_ALONE, hint=hint, id="b24app.W001")]

@@ -82,7 +82,7 @@ def secret_name(key: object) -> bool:
 def _configured_secrets() -> list[str]:
     from django.conf import settings
 
-    found = [settings.B24_CLIENT_SECRET, settings.SECRET_KEY]
+    found = [settings.B24_CLIENT_SECRET, settings.SECRET_KEY, settings.METRICS_TOKEN]
     found += [k.strip() for k in str(settings.B24_TOKEN_KEY).split(",")]
     found.append(str(settings.DATABASES.get("default", {}).get("PASSWORD") or ""))
     for url in (settings.REDIS_URL, getattr(settings, "CELERY_BROKER_URL", "")):

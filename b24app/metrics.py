@@ -1,5 +1,6 @@
-"""Prometheus metrics: every definition, the facts read at scrape time, and the registry that
-`/metrics` (b24app.metrics_view) serves. Off unless METRICS_TOKEN is set.
+"""Prometheus metrics: every definition, and what moves them. The facts read at scrape time and
+the registry that `/metrics` (b24app.metrics_view) serves are in b24app.metrics_facts. Off
+unless METRICS_TOKEN is set.
 
 Several processes report: gunicorn's workers and the Celery workers. With
 PROMETHEUS_MULTIPROC_DIR set (`make run` and compose set it; it must be set before the process
@@ -30,19 +31,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 
-import redis
 from django.conf import settings
 from prometheus_client import (
-    REGISTRY,
-    CollectorRegistry,
     Counter,
     Histogram,
     disable_created_metrics,
     values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.multiprocess import MultiProcessCollector
-from prometheus_client.registry import Collector
 from redis.exceptions import RedisError
 
 from b24app.bitrix.errors import _PERMANENT, _TOKENS, _TRANSIENT, BitrixError
@@ -167,7 +163,7 @@ def result_label(error: str) -> str:
         return error
     if error == "0":  # flow methods' "access denied or not found"
         return "ACCESS_DENIED"
-    if error.startswith("HTTP_") and error[5:6] in "45":
+    if error.startswith("HTTP_") and len(error) > 5 and error[5] in "45":
         return f"HTTP_{error[5]}xx"
     return "other"
 
@@ -250,104 +246,3 @@ def register_fact(fact: Fact) -> None:
 
 def gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, documentation, value=value)
-
-
-# kombu's Redis transport keeps a queue's messages in one list per priority step, and the
-# messages workers took (running, or waiting for their countdown) in the hash "unacked".
-_PRIORITY_SEP = "\x06\x16"
-_PRIORITY_STEPS = (3, 6, 9)
-
-
-def _broker_facts() -> Iterator[Metric]:
-    queue = settings.CELERY_TASK_DEFAULT_QUEUE
-    client = redis.Redis.from_url(
-        settings.CELERY_BROKER_URL, socket_connect_timeout=1, socket_timeout=2
-    )
-    try:
-        pipe = client.pipeline(transaction=False)
-        pipe.llen(queue)
-        for step in _PRIORITY_STEPS:
-            pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
-        pipe.hlen("unacked")
-        *lengths, unacked = pipe.execute()
-    finally:
-        client.close()
-    depth = GaugeMetricFamily(
-        "flowpins_celery_queue_length", "Tasks waiting in the broker's queue", labels=["queue"]
-    )
-    depth.add_metric([queue], float(sum(lengths)))
-    yield depth
-    yield gauge(
-        "flowpins_celery_tasks_reserved",
-        "Tasks workers took and have not finished (running, or waiting for their countdown)",
-        float(unacked),
-    )
-
-
-def _limiter_facts() -> Iterator[Metric]:
-    now = int(time.time() // 60)
-    minutes = int(LIMITER_WINDOW.total_seconds() // 60)
-    keys = [_LIMITER_KEY.format(minute=now - n) for n in range(minutes)]
-    totals: dict[str, float] = {}
-    pipe = redis_client().pipeline(transaction=False)
-    for key in keys:
-        pipe.zrange(key, 0, -1, withscores=True)
-    for rows in pipe.execute():
-        for member, seconds in rows:
-            name = member.decode() if isinstance(member, bytes) else str(member)
-            totals[name] = totals.get(name, 0.0) + float(seconds)
-    family = GaugeMetricFamily(
-        "flowpins_portal_limiter_wait_seconds",
-        f"Seconds calls waited for (or stepped aside from) a portal's bucket in the last "
-        f"{minutes} minutes: the {PORTALS_SHOWN} portals that waited most",
-        labels=["member_id"],
-    )
-    for name, seconds in sorted(totals.items(), key=lambda kv: -kv[1])[:PORTALS_SHOWN]:
-        family.add_metric([name[:64]], seconds)
-    yield family
-
-
-class Facts(Collector):
-    """What the database, the broker and Redis say at the moment of the scrape. A source that
-    does not answer is reported down (flowpins_scrape_source_up) instead of failing the scrape."""
-
-    def collect(self) -> Iterable[Metric]:
-        sources: list[tuple[str, Fact]] = [
-            ("broker", _broker_facts),
-            ("redis", _limiter_facts),
-            *(("database", fact) for fact in _facts),
-        ]
-        up = GaugeMetricFamily(
-            "flowpins_scrape_source_up", "Whether a scrape-time source answered", labels=["source"]
-        )
-        answered: dict[str, bool] = {}
-        for source, fact in sources:
-            try:
-                found = list(fact())
-            except Exception:  # a source down is a fact too
-                log.warning("metrics: the %s did not answer", source, exc_info=True)
-                answered[source] = False
-                continue
-            answered.setdefault(source, True)
-            yield from found
-        for source, ok in answered.items():
-            up.add_metric([source], 1.0 if ok else 0.0)
-        yield up
-
-
-class _ThisProcess(Collector):
-    """Without PROMETHEUS_MULTIPROC_DIR (one process, e.g. the tests): its own metrics."""
-
-    def collect(self) -> Iterable[Metric]:
-        return REGISTRY.collect()
-
-
-def scrape_registry() -> CollectorRegistry:
-    """A registry for one scrape: every process's counts, and the facts read now."""
-    registry = CollectorRegistry()
-    if MULTIPROC_DIR:
-        MultiProcessCollector(registry, path=MULTIPROC_DIR)  # type: ignore[no-untyped-call]
-    else:
-        registry.register(_ThisProcess())
-    registry.register(Facts())
-    return registry

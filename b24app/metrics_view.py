@@ -1,4 +1,4 @@
-"""`GET /metrics`: the Prometheus scrape (b24app.metrics), for whoever holds METRICS_TOKEN.
+"""`GET /metrics`: the Prometheus scrape (b24app.metrics_facts), for whoever holds METRICS_TOKEN.
 
 Off by default: without METRICS_TOKEN the URL does not exist (404). With it, a scrape sends
 `Authorization: Bearer <METRICS_TOKEN>`; anything else is answered 401 with no data. The token is
@@ -16,7 +16,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from b24app import metrics
+from b24app import metrics_facts
 
 
 def _digest(value: str) -> bytes:
@@ -44,5 +44,5 @@ def scrape(request: HttpRequest) -> HttpResponse:
         )
         response["WWW-Authenticate"] = 'Bearer realm="metrics"'
         return response
-    body = generate_latest(metrics.scrape_registry())
+    body = generate_latest(metrics_facts.scrape_registry())
     return HttpResponse(body, content_type=CONTENT_TYPE_PLAIN_0_0_4)

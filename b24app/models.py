@@ -101,6 +101,8 @@ class RestCall(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
+        # a portal's calls since a time: the admin's view and `manage.py portals`
+        indexes = [models.Index(fields=["member_id", "created_at"], name="restcall_member_since")]
 
     def __str__(self) -> str:
         return f"{self.method} {self.http_status} {self.error}".strip()

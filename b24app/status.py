@@ -138,6 +138,9 @@ class Bindings:
     fetched_at: float
     found: list[Binding] = field(default_factory=list)
     problem: str = ""  # why they could not be read (a Problem code); nothing found then
+    # The re-binding (its click's time) this read answers: the read that followed it, or any
+    # read begun after that one landed.
+    rebind_at: float | None = None
 
     @property
     def age(self) -> float:
@@ -173,7 +176,13 @@ def stored_bindings(portal_id: int) -> Bindings | None:
     try:
         data = json.loads(raw)
         found = [Binding(*item) for item in data["found"]]
-        return Bindings(float(data["fetched_at"]), found, str(data["problem"]))
+        rebind_at = data.get("rebind_at")
+        return Bindings(
+            float(data["fetched_at"]),
+            found,
+            str(data["problem"]),
+            None if rebind_at is None else float(rebind_at),
+        )
     except (ValueError, TypeError, KeyError):
         return None
 
@@ -195,12 +204,17 @@ def _read(client: PortalClient, token: str) -> list[Binding]:
     return found
 
 
-def read_bindings(portal_id: int, user_id: int) -> Bindings | None:
+def read_bindings(portal_id: int, user_id: int, rebind_at: float | None = None) -> Bindings | None:
     """Ask the portal which handlers of the app are bound, with this administrator's token, and
-    keep the answer. A refusal is kept as a problem; transient errors are raised (retried)."""
+    keep the answer. A refusal is kept as a problem; transient errors are raised (retried).
+
+    `rebind_at`: this is the read that follows the re-binding clicked then. Another read keeps
+    the last re-binding it follows, unless it began before the kept read landed (it may have
+    read the portal before that re-binding): then the kept read stays."""
     user = PortalUser.objects.filter(portal_id=portal_id, user_id=user_id).first()
     if user is None:
         return None
+    started = time.time()
     try:
         found, problem = call_with_user(user, _read), ""
     except BitrixError as exc:
@@ -208,11 +222,17 @@ def read_bindings(portal_id: int, user_id: int) -> Bindings | None:
             raise
         log.info("portal %s: could not read the app's bindings: %s", portal_id, exc.code)
         found, problem = [], exc.problem or Problem.GAVE_UP
-    bindings = Bindings(time.time(), found, problem)
+    if rebind_at is None:
+        kept = stored_bindings(portal_id)
+        if kept is not None and kept.fetched_at > started:
+            return kept
+        rebind_at = kept.rebind_at if kept is not None else None
+    bindings = Bindings(time.time(), found, problem, rebind_at)
     payload = {
         "fetched_at": bindings.fetched_at,
         "found": [[b.kind, b.code, b.handler] for b in found],
         "problem": problem,
+        "rebind_at": rebind_at,
     }
     redis_client().set(_bindings_key(portal_id), json.dumps(payload), ex=BINDINGS_KEEP_SECONDS)
     return bindings

@@ -75,8 +75,9 @@ def _metrics_dir(env: dict[str, str], var_dir: Path) -> None:
         return
     directory = Path(env.setdefault("PROMETHEUS_MULTIPROC_DIR", str(var_dir / "metrics")))
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("*.db"):
-        stale.unlink()
+    for kind in ("counter", "gauge", "histogram", "summary"):  # prometheus-client's files only
+        for stale in directory.glob(f"{kind}_*.db"):
+            stale.unlink()
 
 
 def _start_redis(sup: Supervisor, env: dict[str, str], var_dir: Path) -> None:

@@ -56,12 +56,13 @@ def request_bindings_read(portal_id: int, user_id: int) -> None:
             raise
 
 
-def request_rebind(portal_id: int, user_id: int) -> None:
-    """Bind the handlers again (the install's own task), then read what the portal reports."""
+def request_rebind(portal_id: int, user_id: int, rebind_at: float) -> None:
+    """Bind the handlers again (the install's own task), then read what the portal reports:
+    the read that answers the re-binding clicked at `rebind_at`."""
     redis_client().set(_read_key(portal_id), b"1", ex=QUEUED_SECONDS)
     chain(
         bind_handlers.si(portal_id=portal_id),
-        admin_bindings.si(portal_id=portal_id, user_id=user_id),
+        admin_bindings.si(portal_id=portal_id, user_id=user_id, rebind_at=rebind_at),
     ).apply_async()
 
 
@@ -84,9 +85,11 @@ def admin_check(self: Any, *, portal_id: int, user_id: int) -> str:
 
 
 @shared_task(name="flows.admin_bindings", bind=True, max_retries=5, acks_late=True)  # type: ignore[untyped-decorator]
-def admin_bindings(self: Any, *, portal_id: int, user_id: int) -> str:
+def admin_bindings(
+    self: Any, *, portal_id: int, user_id: int, rebind_at: float | None = None
+) -> str:
     try:
-        bindings = status.read_bindings(portal_id, user_id)
+        bindings = status.read_bindings(portal_id, user_id, rebind_at)
     except TransientError as exc:
         if self.request.retries >= self.max_retries:
             redis_client().delete(_read_key(portal_id))

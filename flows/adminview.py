@@ -96,7 +96,7 @@ def _rebind_state(portal_id: int, bindings: status.Bindings | None) -> tuple[str
     if raw is None:
         return "", ""
     asked = float(json.loads(raw)["at"])
-    if bindings is not None and bindings.fetched_at >= asked:
+    if bindings is not None and bindings.rebind_at == asked:  # a read that followed this click
         when = timezone.localtime(datetime.fromtimestamp(asked, tz=UTC))
         at = when.strftime("%H:%M:%S %Z")
         if bindings.problem:
@@ -221,9 +221,10 @@ def admin_rebind(request: HttpRequest, portal: Portal, user: PortalUser) -> Http
     if refusal is not None:
         raise Refused(409, _("Still checking with Bitrix24 that you are an administrator."))
     key = _rebind_key(portal.pk)
-    redis_client().set(key, json.dumps({"at": time.time()}), ex=3 * REBIND_WAIT_SECONDS)
+    asked = time.time()
+    redis_client().set(key, json.dumps({"at": asked}), ex=3 * REBIND_WAIT_SECONDS)
     try:
-        admintasks.request_rebind(portal.pk, user.user_id)
+        admintasks.request_rebind(portal.pk, user.user_id, asked)
     except Exception:
         redis_client().delete(key)
         log.warning("could not queue a re-binding for portal %s", portal.pk)

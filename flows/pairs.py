@@ -107,6 +107,13 @@ def _record_sql(vendor: str, count: int, *, learnt: bool) -> str:
             keep("toggles", "0"),
             keep("problem", "excluded.problem"),
             keep("status", "excluded.status"),
+            # a settled row a broken pair turns pending waits from now (the oldest-pending
+            # gauge, the click-to-settled histogram), not from its click long ago
+            keep(
+                "created_at",
+                f"CASE WHEN excluded.status = '{pending}' THEN excluded.created_at"
+                f" ELSE {table}.created_at END",
+            ),
             "updated_at = excluded.updated_at",
         ]
     )

@@ -138,7 +138,7 @@ def broken_placement(request: FrameRequest) -> HttpResponse:
     logging.getLogger("flows.broken").warning("calling the portal with %s", refresh)
     raise RuntimeError(
         f"the portal refused auth {access} (app {app_token}, refresh {refresh}) "
-        f"for the client {settings.B24_CLIENT_SECRET}"
+        f"for the client {settings.B24_CLIENT_SECRET}; metrics {settings.METRICS_TOKEN}"
     )
 
 
@@ -150,6 +150,8 @@ def test_an_error_in_a_frame_request_is_reported_without_any_secret(
     install(Client(), sandbox)
     page = open_app(Client(), sandbox, USER)  # a page token, sent along in its header
     monkeypatch.setitem(placements._REGISTRY, BROKEN, Placement(BROKEN, broken_placement))
+    # words joined by dashes: not shaped like a token, so only knowing it hides it
+    monkeypatch.setattr(settings, "METRICS_TOKEN", "scrape-only-with-this-0123456789-words")
     launched = launch(sandbox, "alpha", USER)
     access = launched["form"]["AUTH_ID"]
     form = {
@@ -255,4 +257,5 @@ def _process_secrets() -> dict[str, str]:
         "client secret": settings.B24_CLIENT_SECRET,
         "SECRET_KEY": settings.SECRET_KEY,
         "B24_TOKEN_KEY": settings.B24_TOKEN_KEY,
+        "METRICS_TOKEN": settings.METRICS_TOKEN,
     }

@@ -30,7 +30,7 @@ from b24app.bitrix.client import PortalClient
 from b24app.bitrix.errors import BitrixError, RateLimited, ReopenRequired
 from b24app.bitrix.ratelimit import PortalRateLimiter
 from b24app.calllog import record_call
-from b24app.models import Portal, PortalUser
+from b24app.models import Portal, PortalUser, RestCall
 from devtools.run import _metrics_dir
 from devtools.supervisor import Process
 from flows import intents
@@ -112,6 +112,36 @@ def test_a_short_metrics_token_stops_start_up() -> None:
     )
     assert done.returncode != 0
     assert "METRICS_TOKEN must be 32 characters or more" in done.stderr
+
+
+def _check(tmp_path: Path, **env: str) -> str:
+    """What `manage.py check` says, in a fresh process with this environment."""
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"METRICS_TOKEN", "PROMETHEUS_MULTIPROC_DIR"}
+    }
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), "check"],
+        env={**base, "DJANGO_SETTINGS_MODULE": "tests.settings", **env},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]  # a warning, not a refusal
+    return done.stdout + done.stderr
+
+
+def test_metrics_without_the_shared_directory_are_warned_of(tmp_path: Path) -> None:
+    """The app always runs a web and a worker: without one directory for both, a scrape of
+    the web never shows the worker's counts."""
+    alone = _check(tmp_path, METRICS_TOKEN=TOKEN)
+    assert "b24app.W001" in alone and "never shows the Celery worker's counts" in alone
+    assert TOKEN not in alone
+    shared = _check(tmp_path, METRICS_TOKEN=TOKEN, PROMETHEUS_MULTIPROC_DIR=str(tmp_path))
+    assert "W001" not in shared and "no issues" in shared
+    assert "W001" not in _check(tmp_path)  # metrics off
 
 
 def _in_a_process(directory: str, code: str, cwd: Path) -> None:
@@ -250,13 +280,19 @@ def test_make_run_gives_the_processes_one_emptied_metrics_directory(tmp_path: Pa
     stale = tmp_path / "metrics" / "counter_old-1.db"
     stale.parent.mkdir()
     stale.write_bytes(b"an earlier run")
+    older = [stale.with_name(n) for n in ("gauge_livesum_2.db", "histogram_3.db", "summary_4.db")]
+    for file in older:
+        file.write_bytes(b"an earlier run")
+    foreign = stale.with_name("notes.db")  # PROMETHEUS_MULTIPROC_DIR may be shared: not ours
+    foreign.write_bytes(b"someone else's")
     off: dict[str, str] = {}
     _metrics_dir(off, tmp_path)
     assert "PROMETHEUS_MULTIPROC_DIR" not in off and stale.exists()  # metrics off: untouched
     on = {"METRICS_TOKEN": TOKEN}
     _metrics_dir(on, tmp_path)
     assert on["PROMETHEUS_MULTIPROC_DIR"] == str(tmp_path / "metrics")
-    assert not stale.exists()
+    assert not stale.exists() and not any(file.exists() for file in older)
+    assert foreign.read_bytes() == b"someone else's"
 
 
 # --- no secret in a label ---------------------------------------------------------------------
@@ -324,6 +360,54 @@ def test_no_label_value_holds_a_secret(
     assert len(labels) > 10  # REST methods, results, statuses, outcomes: there was traffic
     leaked = {v for v in labels for s in secrets if s in v}
     assert not leaked
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_error_of_just_http_is_logged_and_counted_as_other(
+    metrics_on: None, lying_portal: tuple[str, type[_Liar]]
+) -> None:
+    endpoint, liar = lying_portal
+    liar.code = "HTTP_"  # a portal may answer any string
+    lied_to = PortalClient(member_id="liar", endpoint=endpoint, on_call=record_call)
+    counted = {"method": "profile", "result": "other"}
+    before = value(scrape_local(Client()), "flowpins_rest_calls_total", **counted)
+    with pytest.raises(BitrixError):
+        lied_to.call("profile", token="t" * 40)
+    assert list(RestCall.objects.filter(member_id="liar").values_list("method", "error")) == [
+        ("profile", "HTTP_")
+    ]
+    after = value(scrape_local(Client()), "flowpins_rest_calls_total", **counted)
+    assert after - before == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_metrics_failure_keeps_the_call_log_row_and_is_logged_once(
+    metrics_on: None,
+    lying_portal: tuple[str, type[_Liar]],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The metrics' files cannot be written (a full disk): the Market's call log still gets
+    every row, and the failure is logged once, without its text (it may echo the portal)."""
+    from b24app import calllog, metrics
+
+    def full_disk(*labels: str) -> None:
+        raise OSError(28, "No space left on device", "counter_1.db")
+
+    monkeypatch.setattr(metrics.REST_CALLS, "labels", full_disk)
+    monkeypatch.setattr(calllog, "_metrics_failure_logged", False, raising=False)
+    endpoint, liar = lying_portal
+    liar.code = "SECRET_ECHO_0123456789"
+    lied_to = PortalClient(member_id="liar", endpoint=endpoint, on_call=record_call)
+    for _ in range(2):
+        with pytest.raises(BitrixError):
+            lied_to.call("profile", token="t" * 40)
+    assert RestCall.objects.filter(member_id="liar", error=liar.code).count() == 2
+    warned = [r for r in caplog.records if "not being counted" in r.getMessage()]
+    assert [r.getMessage() for r in warned] == [
+        "REST calls are not being counted in the metrics: OSError"
+    ]
+    assert "No space left" not in caplog.text and liar.code not in caplog.text
 
 
 # --- every process in one scrape: gunicorn and a Celery worker, as deployed ---------------------

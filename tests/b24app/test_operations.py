@@ -163,3 +163,27 @@ def test_a_worker_yields_the_cpu_to_the_web(celery_worker_process: Any) -> None:
     worker = os.getpriority(os.PRIO_PROCESS, celery_worker_process.pid)
     assert settings.FLOWPINS_WORKER_NICE == 10
     assert worker - ours == min(settings.FLOWPINS_WORKER_NICE, 19 - ours)
+
+
+def test_a_portals_calls_since_midnight_are_found_by_one_index() -> None:
+    """The admin's view and `manage.py portals` ask for one portal's calls since midnight:
+    with a call log of days of many portals, that is one index's range, not a scan of the
+    portal's calls of every day kept."""
+    from django.db import connection, transaction
+
+    from b24app.status import today_start
+
+    midnight = today_start()
+    RestCall.objects.bulk_create(
+        RestCall(
+            member_id=f"{n % 50:032d}", method="batch", created_at=midnight - timedelta(minutes=n)
+        )
+        for n in range(5000)
+    )
+    calls = RestCall.objects.filter(member_id="0" * 32, created_at__gte=midnight)
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.execute("ANALYZE b24app_restcall")
+        cursor.execute("SET LOCAL enable_seqscan = off")  # a small table is cheaper to scan
+        plan = calls.explain()
+    assert "restcall_member_since" in plan, plan
+    assert "BitmapAnd" not in plan, plan

@@ -307,6 +307,68 @@ def test_rebind_puts_back_bindings_deleted_in_bitrix24(
     )
 
 
+def queued_jobs() -> list[Any]:
+    """What the paused worker would run, oldest first, taken off the broker: each job as a
+    signature carrying the rest of its chain."""
+    import base64
+
+    import redis as redis_lib
+    from celery import signature
+    from django.conf import settings
+
+    broker = redis_lib.Redis.from_url(settings.CELERY_BROKER_URL)
+    jobs = []
+    while raw := broker.rpop(settings.CELERY_TASK_DEFAULT_QUEUE):
+        message = json.loads(raw)
+        args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
+        job = signature(message["headers"]["task"], args=args, kwargs=kwargs)
+        jobs.append((job, [signature(s) for s in reversed(embed.get("chain") or [])]))
+    return jobs
+
+
+def test_a_read_queued_before_the_rebind_is_not_taken_for_its_result(
+    sandbox: Any, celery_worker_process: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read of the bindings queued before the click (the section was opened while its last
+    read was old) that runs before the handlers are bound again does not answer the click:
+    the section goes on waiting for the read that follows the re-binding, then reports it."""
+    client = Client()
+    install(client, sandbox)
+    token = open_app(client, sandbox, ADMIN)
+    section(client, token, until=settled)
+    for placement in state(sandbox)["placements"]:
+        _admin_rest(sandbox, "placement.unbind", {"PLACEMENT": placement["placement"]})
+    monkeypatch.setattr(adminview, "BINDINGS_FRESH_SECONDS", 0)  # every look reads again
+    portal = Portal.objects.get()
+    with worker_paused():
+        section(client, token)  # the last read is old: it queues another
+        assert api(client, token, "POST", REBIND, {}).status_code == 202
+        jobs = {job.name: (job, then) for job, then in queued_jobs()}
+        # The paused worker may hold the first job queued (it was waiting on the queue): the
+        # read. Whoever holds it, it is run here first, before the handlers are bound again.
+        held = "flows.admin_bindings" not in jobs
+        admintasks.admin_bindings.apply(kwargs={"portal_id": portal.pk, "user_id": ADMIN}).get()
+        waiting = section(client, token).json()
+        assert (waiting["figures"]["rebind"], waiting["busy"]) == ("running", True)
+        assert "Re-binding the handlers…" in waiting["html"]
+        assert "still lacks" not in waiting["html"]
+        rebind, then = jobs["b24app.bind_handlers"]
+        rebind.apply().get()
+        assert section(client, token).json()["figures"]["rebind"] == "running"
+        assert [job.name for job in then] == ["flows.admin_bindings"]
+        then[0].apply().get()  # the read that follows the re-binding, as the chain queued it
+        done = section(client, token).json()
+        assert done["figures"]["rebind"] == "done"
+        assert done["figures"]["bindings"]["expected"] == ALL_BOUND
+        assert "every handler is in place" in done["html"]
+        reads = state(sandbox)["counters"]["calls"]["event.get"]
+    if held:  # the worker runs it now; the test's database must outlive it
+        deadline = time.monotonic() + 30
+        while state(sandbox)["counters"]["calls"]["event.get"] == reads:
+            assert time.monotonic() < deadline, "the held read did not run"
+            time.sleep(0.05)
+
+
 def test_the_section_reports_bindings_missing_in_bitrix24(
     sandbox: Any, celery_worker_process: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

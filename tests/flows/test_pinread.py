@@ -9,15 +9,17 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection
 from django.test import Client
+from django.utils import timezone
 
 from b24app.models import Portal
 from flows import converge as engine
-from flows import intents, pinread
+from flows import intents, pairs, pinread
 from flows.models import PinIntent, PinRead
 from flows.outcome import Kind
 from tests.flows.conftest import USER
@@ -262,3 +264,28 @@ def test_an_error_every_flow_would_get_stops_the_read_after_one_request(
     assert state(sandbox)["counters"]["requests"] - before == 1  # not one request per flow
     assert not _read_wanted(Portal.objects.get(), USER)
     assert portal_pins(sandbox, USER) == pinned
+
+
+def test_a_settled_pin_a_broken_pair_leaves_flipped_waits_from_the_read_not_its_click() -> None:
+    """The oldest-pending gauge and the click-to-settled histogram count from `created_at`: a
+    pin settled days ago that a broken read leaves flipped is pending from now; a pending
+    click keeps its own time."""
+    portal = Portal.objects.create(
+        member_id="a" * 32,
+        domain="alpha.bitrix24.com",
+        client_endpoint="https://alpha.bitrix24.com/rest/",
+        server_endpoint="https://oauth.bitrix.info/rest/",
+    )
+    days_ago = timezone.now() - timedelta(days=3)
+    for flow_id, status in ((1, PinIntent.Status.DONE), (2, PinIntent.Status.PENDING)):
+        PinIntent.objects.create(
+            portal=portal, user_id=USER, flow_id=flow_id, desired=True, status=status
+        )
+    PinIntent.objects.update(created_at=days_ago)
+    read_at = timezone.now()
+    flipped = [pairs.PairAnswer(f, pairs.Seen.FLIPPED, True) for f in (1, 2)]
+    pairs.record(portal.pk, USER, flipped)
+    settled, clicked = PinIntent.objects.order_by("flow_id")
+    assert (settled.status, settled.desired, settled.observed) == ("pending", True, False)
+    assert settled.created_at >= read_at
+    assert (clicked.status, clicked.created_at) == ("pending", days_ago)
