@@ -17,6 +17,7 @@ Bitrix24 itself does for them: its own templates use the `ru` branch for `ru`, `
 from __future__ import annotations
 
 from django.conf import settings
+from django.utils import translation
 
 # Every language code Bitrix24 documents → the Django language it names. Sources (the
 # bitrix24/b24restdocs docs): api-reference/crm/data-types.md "Language Identifiers for
@@ -78,3 +79,13 @@ def speak(code: object) -> str:
     """The language the app speaks to a user whose Bitrix24 says `code` (`LANG`,
     `LANGUAGE_ID`): always one of settings.LANGUAGES; unknown codes and junk give English."""
     return shipped(django_language(code) or DEFAULT)
+
+
+def in_every_language(message: str) -> dict[str, str]:
+    """`message` (an English msgid) as each Bitrix24 language code's users read the app, keyed by
+    that code: for texts Bitrix24 shows itself, such as a placement's title (LANG_ALL)."""
+    titles = {}
+    for code in BITRIX24_LANGUAGES:
+        with translation.override(speak(code)):
+            titles[code] = translation.gettext(message)
+    return titles

@@ -17,6 +17,7 @@ from typing import Any
 
 from django.http import HttpRequest, HttpResponse
 
+from b24app import langs
 from b24app.frame import VerifiedFrame
 from b24app.models import Portal, PortalUser
 from b24app.stored import AlsoRead
@@ -37,8 +38,9 @@ class FrameRequest(HttpRequest):
 class Placement:
     code: str  # what Bitrix24 posts as PLACEMENT (and what placement.bind takes)
     view: Callable[[FrameRequest], HttpResponse]
-    # The title Bitrix24 shows, per language ("en" is the fallback). None: not bound (DEFAULT).
-    title: dict[str, str] | None = None
+    # The title Bitrix24 shows: an English msgid, shown in each Bitrix24 language from the
+    # catalogs, or given per Bitrix24 language ("en" is the fallback). None: not bound (DEFAULT).
+    title: str | dict[str, str] | None = None
     options: dict[str, Any] = field(default_factory=dict)  # placement.bind's OPTIONS
     # One more value read with the portal and the user when this placement opens (one query).
     also: AlsoRead | None = None
@@ -73,6 +75,9 @@ def bind_commands(handler: str) -> dict[str, tuple[str, dict[str, Any]]]:
     commands: dict[str, tuple[str, dict[str, Any]]] = {}
     for placement in bound():
         assert placement.title is not None
+        titles = placement.title
+        if isinstance(titles, str):
+            titles = langs.in_every_language(titles)
         key = placement.code.lower()
         commands[f"unbind_{key}"] = (
             "placement.unbind",
@@ -81,8 +86,8 @@ def bind_commands(handler: str) -> dict[str, tuple[str, dict[str, Any]]]:
         bind: dict[str, Any] = {
             "PLACEMENT": placement.code,
             "HANDLER": handler,
-            "TITLE": placement.title.get("en", next(iter(placement.title.values()))),
-            "LANG_ALL": {lang: {"TITLE": title} for lang, title in placement.title.items()},
+            "TITLE": titles.get("en", next(iter(titles.values()))),
+            "LANG_ALL": {lang: {"TITLE": title} for lang, title in titles.items()},
         }
         if placement.options:
             bind["OPTIONS"] = placement.options

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.utils.translation import gettext_noop
 
 
 class FlowsConfig(AppConfig):
@@ -16,6 +17,7 @@ class FlowsConfig(AppConfig):
         # The flows page is the app's own page and its left-menu item; a reopen reads the
         # user's intents (and whether their pins were read) with the portal and the user.
         register(Placement(DEFAULT, app_view, also=PAGE_STATE))
-        title = {"en": "Flow Pins", "ru": "Закрепление потоков"}
+        # The menu item's title in every Bitrix24 language, from the catalogs (at bind time).
+        title = gettext_noop("Flow Pins")
         register(Placement("LEFT_MENU", app_view, title=title, also=PAGE_STATE))
         metrics.register_fact(pending_facts)  # the pins waiting, read when Prometheus asks

@@ -72,6 +72,7 @@ def _placements_view(portal: Portal) -> list[dict[str, Any]]:
             "placement": p.placement,
             "handler": p.handler,
             "title": p.title,
+            "lang_all": p.lang_all,
             "user_id": p.user_id,
             "options": p.options,
         }

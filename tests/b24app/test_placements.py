@@ -70,3 +70,25 @@ def test_a_placement_code_nobody_registered_shows_the_apps_own_page(sandbox: Any
     answer = post_frame(client, launch(sandbox, "alpha", 2), PLACEMENT="TASK_VIEW_SIDEBAR")
     assert answer.status_code == 200
     assert 'data-token="' in answer.content.decode()  # the flows page
+
+
+def test_the_menu_item_is_titled_in_every_language_bitrix24_shows_it_in(sandbox: Any) -> None:
+    install(Client(), sandbox)
+    (menu,) = [p for p in state(sandbox)["placements"] if p["placement"] == "LEFT_MENU"]
+    titles = {code: item["TITLE"] for code, item in menu["lang_all"].items()}
+    # As the shipped catalogs say it; Kazakh and Belarusian portals read the app in Russian.
+    expected = {
+        "en": "Flow Pins",
+        "ru": "Закрепление потоков",
+        "ua": "Закріплення потоків",
+        "de": "Angeheftete Flows",
+        "la": "Flujos fijados",
+        "br": "Fluxos fixados",
+        "pl": "Przypięte przepływy",
+        "kz": "Закрепление потоков",
+        "by": "Закрепление потоков",
+        "fr": "Flow Pins",
+        "sc": "Flow Pins",
+    }
+    assert {code: titles.get(code) for code in expected} == expected
+    assert menu["title"] == "Flow Pins"
