@@ -25,7 +25,8 @@ SECRET_KEYS = (
 )
 _KEYS = "|".join(SECRET_KEYS)
 _PATTERN = re.compile(
-    rf"""(?P<key>["']?(?:{_KEYS})["']?\s*[=:]\s*["']?)(?P<value>[^"'&\s,}}\]]+)""",
+    # Bitrix24's event fields come as auth[access_token]=…, also URL-encoded (auth%5B…%5D=).
+    rf"""(?P<key>["']?(?:{_KEYS})(?:\]|%5D)?["']?\s*[=:]\s*["']?)(?P<value>[^"'&\s,}}\]]+)""",
     re.IGNORECASE,
 )
 

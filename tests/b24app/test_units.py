@@ -74,10 +74,10 @@ def test_php_query_matches_http_build_query():
 def test_redaction_masks_token_looking_values():
     line = (
         'POST auth=abc123secret&x=1 {"refresh_token": "r-777", "client_secret": "s3"} '
-        "application_token=app-tok"
+        "application_token=app-tok auth[access_token]=ev-acc&auth%5Brefresh_token%5D=ev-ref"
     )
     cleaned = redact(line)
-    for secret in ("abc123secret", "r-777", "s3", "app-tok"):
+    for secret in ("abc123secret", "r-777", "s3", "app-tok", "ev-acc", "ev-ref"):
         assert secret not in cleaned
     assert "x=1" in cleaned
 
