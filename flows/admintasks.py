@@ -71,6 +71,14 @@ def _backoff(exc: TransientError, retries: int) -> float:
     return float(min(120, delay + random.uniform(0, 1 + delay)))
 
 
+def _retry_later(task: Any, key: str, exc: TransientError) -> Exception:
+    """The retry of a check or read, its queued marker kept until it runs: the page's polls
+    queue no second copy while this one waits out the portal's limit or outage."""
+    countdown = _backoff(exc, task.request.retries)
+    redis_client().set(key, b"1", ex=int(countdown) + QUEUED_SECONDS)
+    return task.retry(countdown=countdown)  # type: ignore[no-any-return]
+
+
 @shared_task(name="flows.admin_check", bind=True, max_retries=5, acks_late=True)  # type: ignore[untyped-decorator]
 def admin_check(self: Any, *, portal_id: int, user_id: int) -> str:
     try:
@@ -79,7 +87,7 @@ def admin_check(self: Any, *, portal_id: int, user_id: int) -> str:
         if self.request.retries >= self.max_retries:
             redis_client().delete(_check_key(portal_id, user_id))
             return "unanswered"
-        raise self.retry(countdown=_backoff(exc, self.request.retries)) from None
+        raise _retry_later(self, _check_key(portal_id, user_id), exc) from None
     redis_client().delete(_check_key(portal_id, user_id))
     return {True: "admin", False: "not admin", None: "tokens unusable"}[answer]
 
@@ -94,7 +102,7 @@ def admin_bindings(
         if self.request.retries >= self.max_retries:
             redis_client().delete(_read_key(portal_id))
             return "unanswered"
-        raise self.retry(countdown=_backoff(exc, self.request.retries)) from None
+        raise _retry_later(self, _read_key(portal_id), exc) from None
     redis_client().delete(_read_key(portal_id))
     if bindings is None:
         return "no such user"
