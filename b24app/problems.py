@@ -7,6 +7,7 @@ shows the words it was given, or picks a notice by code) and logs. Typed errors 
 
 from __future__ import annotations
 
+from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.db import models
 from django.utils import translation
 from django.utils.translation import gettext as _
@@ -79,3 +80,15 @@ class Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+OVER_LIMITS = (RequestDataTooBig, TooManyFieldsSent)
+
+
+def over_limits(exc: RequestDataTooBig | TooManyFieldsSent, sender: str = "Bitrix24") -> Refused:
+    """Django's request limits (DATA_UPLOAD_MAX_*), raised when a view first reads the body,
+    the POST or the query: refused in words like every other refusal, rather than as Django's
+    bare 400 page; the frame door (b24app.views) and the page's JSON API (flows.apiauth) alike."""
+    if isinstance(exc, RequestDataTooBig):
+        return Refused(413, f"The request is too large: {sender} never sends one this big.")
+    return Refused(400, f"The request has too many fields: {sender} never sends that many.")

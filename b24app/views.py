@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig, TooManyFieldsSent
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import translation
@@ -42,7 +41,7 @@ from b24app.bitrix.errors import (
 )
 from b24app.models import Portal, PortalUser
 from b24app.placements import FrameRequest
-from b24app.problems import Problem, Refused, words
+from b24app.problems import OVER_LIMITS, Problem, Refused, over_limits, words
 from b24app.stored import AlsoRead
 
 log = logging.getLogger(__name__)
@@ -70,18 +69,6 @@ def framed(request: HttpRequest, response: HttpResponse, portal_origin: str | No
     )
     response["Referrer-Policy"] = "no-referrer"
     return response
-
-
-OVER_LIMITS = (RequestDataTooBig, TooManyFieldsSent)
-
-
-def over_limits(exc: RequestDataTooBig | TooManyFieldsSent, sender: str = "Bitrix24") -> Refused:
-    """Django's request limits (DATA_UPLOAD_MAX_*), raised when a view first reads the body,
-    the POST or the query: refused in words like every other refusal, rather than as Django's
-    bare 400 page. The page's JSON API (flows.apiauth) answers them the same way."""
-    if isinstance(exc, RequestDataTooBig):
-        return Refused(413, f"The request is too large: {sender} never sends one this big.")
-    return Refused(400, f"The request has too many fields: {sender} never sends that many.")
 
 
 def _describe(request: HttpRequest, what: str) -> HttpResponse:

@@ -21,8 +21,7 @@ from redis.exceptions import RedisError
 from b24app import langs, logcontext
 from b24app.bitrix.ratelimit import take
 from b24app.models import Portal, PortalUser
-from b24app.problems import Problem, Refused, words
-from b24app.views import OVER_LIMITS, over_limits
+from b24app.problems import OVER_LIMITS, Problem, Refused, over_limits, words
 
 log = logging.getLogger(__name__)
 
