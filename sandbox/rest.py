@@ -93,7 +93,16 @@ def _knob_redirect(
 def handle_portal_rest(
     state: SandboxState, portal_name: str, method_name: str, req: Request
 ) -> Reply:
-    """Serve one portal REST request (see the module docstring for the order of checks)."""
+    """Serve one portal REST request (see the module docstring for the order of checks),
+    counted in ``state.traffic`` while it is served."""
+    state.traffic.enter()
+    try:
+        return _serve_rest(state, portal_name, method_name, req)
+    finally:
+        state.traffic.leave()
+
+
+def _serve_rest(state: SandboxState, portal_name: str, method_name: str, req: Request) -> Reply:
     arrived = state.clock()
     with state.lock:
         found, portal = state.locate(req.local_host, portal_name)

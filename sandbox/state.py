@@ -25,6 +25,7 @@ from .addresses import PortalAddresses, loopback_host, seed_hosts
 from .knobs import GLOBAL_ONLY_KNOBS, KnobError, Knobs, coerce_knob
 from .model import APP_STATUS, Portal, TokenPair
 from .seed import seed_names, seed_portal
+from .traffic import Traffic
 
 __all__ = [
     "DEFAULT_APP_URL",
@@ -88,6 +89,7 @@ class SandboxState(PortalAddresses):
         self.access_tokens: dict[str, TokenPair] = {}
         self.refresh_tokens: dict[str, TokenPair] = {}
         self.oauth_unknown_failures = 0
+        self.traffic = Traffic()
         self.rng = random.Random(self.knobs.seed)  # noqa: S311 - reproducible fault injection
         self.reset()
 
@@ -109,6 +111,7 @@ class SandboxState(PortalAddresses):
             self.access_tokens = {}
             self.refresh_tokens = {}
             self.oauth_unknown_failures = 0
+            self.traffic.reset()
             self.rng = random.Random(self.knobs.seed)  # noqa: S311
 
     # -- knobs ---------------------------------------------------------------------------------

@@ -148,6 +148,10 @@ def _dispatch(state: SandboxState, path: str, http_method: str, params: dict[str
                     state.app_url = _app_url(params["app_url"])
                 state.set_knobs(values, portal)
             return Reply.json(200, _knobs_view(state, portal))
+    if path == "traffic":
+        if http_method == "POST":
+            state.traffic.reset()
+        return Reply.json(200, state.traffic.snapshot())
     if path == "reset":
         _require_post(http_method)
         state.reset(keep_knobs=bool_param(params, "keep_knobs"))

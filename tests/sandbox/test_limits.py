@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -155,6 +156,31 @@ def test_latency_and_portal_deleted(sb: SandboxClient) -> None:
     deleted = sb.call("profile", token)
     assert deleted.status_code == 500 and deleted.json()["error"] == "PORTAL_DELETED"
     assert sb.call("profile", sb.token("beta"), portal="beta").status_code == 200
+
+
+def test_traffic_counts_the_calls_served_at_once_across_portals(sb: SandboxClient) -> None:
+    """Six slow calls at once on two portals: six in flight at the peak, about six on average
+    while busy, none after; a POST starts the figures afresh."""
+    tokens = {"alpha": sb.token(), "beta": sb.token("beta")}
+    sb.config(latency_ms=400)
+    sb.control("traffic", {})
+    calls = [
+        threading.Thread(target=sb.call, args=("profile", tokens[name], name))
+        for name in ("alpha", "beta", "alpha", "beta", "alpha", "beta")
+    ]
+    for call in calls:
+        call.start()
+    for call in calls:
+        call.join()
+    seen = sb.control("traffic")
+    assert seen["calls"] == 6 and seen["peak"] == 6 and seen["in_flight"] == 0
+    assert 4.5 <= seen["mean_in_flight"] <= 6.0
+    assert 0.4 <= seen["busy_seconds"] < 1.2
+    sb.config(latency_ms=0)
+    assert sb.call("profile", tokens["alpha"]).status_code == 200
+    assert sb.control("traffic")["peak"] == 6  # a peak stays until the figures start afresh
+    afresh = sb.control("traffic", {})
+    assert afresh["calls"] == 0 and afresh["peak"] == 0
 
 
 def test_a_batch_runs_in_order_and_a_chosen_command_fails_or_cuts_it(sb: SandboxClient) -> None:
