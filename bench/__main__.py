@@ -20,6 +20,7 @@ from bench.pins import bench_click_latency, bench_lossy, bench_one_call_per_pin,
 from bench.portal import setup_django
 from bench.reads import bench_reads
 from bench.report import ONLY, QUICK, Report, wanted
+from bench.scale import bench_scale
 from bench.stack import Stack
 from bench.tenants import bench_events, bench_fairness, bench_slow_portal, bench_stampede
 
@@ -109,12 +110,15 @@ def main() -> int:
     report = Report()
     print(f"Flow Pins benchmarks ({'quick' if QUICK else 'full'} run); logs in {tmp}", flush=True)
     try:
-        stack.start()
-        setup_django(stack)
-        run_sections(stack, report)
-        report_memory(stack, report)
+        if not ONLY or not all("scale" in word for word in ONLY):
+            stack.start()
+            setup_django(stack)
+            run_sections(stack, report)
+            report_memory(stack, report)
     finally:
         stack.stop()
+    if wanted("bench_scale"):  # its own stack of hundreds of portals
+        bench_scale(report, tmp)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     written = out / ("partial.md" if ONLY else "latest.md")

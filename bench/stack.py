@@ -134,10 +134,13 @@ class Stack:
         for n in range(self.workers):
             self.wait_worker(f"worker{n + 1}")
 
-    def start_worker(self, name: str, concurrency: int, queue: str = "flowpins") -> None:
-        """One Celery worker process with a pool of `concurrency` threads."""
+    def start_worker(
+        self, name: str, concurrency: int, queue: str = "flowpins", pool: str = "threads"
+    ) -> None:
+        """One Celery worker process with a pool of `concurrency` threads (or greenlets, with
+        pool="gevent")."""
         cmd = worker_command(
-            concurrency=concurrency, hostname=f"{name}@%h", queue=queue, quiet=True
+            concurrency=concurrency, hostname=f"{name}@%h", queue=queue, quiet=True, pool=pool
         )
         self._start(name, cmd)
 

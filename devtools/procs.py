@@ -20,8 +20,12 @@ def worker_command(
     hostname: str | None = None,
     queue: str = "flowpins",
     quiet: bool = False,
+    pool: str | None = None,
 ) -> list[str]:
     """`celery -A b24app worker`; pool and concurrency default to the settings.
+
+    pool: "gevent" must be named here, on the command line, not in the settings: Celery
+    patches the standard library for it before anything else is imported only then.
 
     quiet: no gossip, mingle or heartbeat — a worker that talks to no other worker (tests).
     """
@@ -37,6 +41,8 @@ def worker_command(
         "--queues",
         queue,
     ]
+    if pool is not None:
+        cmd += ["--pool", pool]
     if concurrency is not None:
         cmd += ["--concurrency", str(concurrency)]
     if hostname is not None:
