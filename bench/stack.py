@@ -134,8 +134,9 @@ class Stack:
         for n in range(self.workers):
             self.wait_worker(f"worker{n + 1}")
 
-    def start_worker(self, name: str, concurrency: int, queue: str = "flowpins") -> None:
-        """One Celery worker process with a pool of `concurrency` threads."""
+    def start_worker(self, name: str, concurrency: int, queue: str | None = None) -> None:
+        """One Celery worker process with a pool of `concurrency` threads, taking jobs from
+        every queue of the app (or from `queue` alone)."""
         cmd = worker_command(
             concurrency=concurrency, hostname=f"{name}@%h", queue=queue, quiet=True
         )
