@@ -40,23 +40,28 @@ _PRIORITY_STEPS = (3, 6, 9)
 
 
 def _broker_facts() -> Iterator[Metric]:
-    queue = settings.CELERY_TASK_DEFAULT_QUEUE
+    queues = settings.FLOWPINS_QUEUES
     client = redis.Redis.from_url(
         settings.CELERY_BROKER_URL, socket_connect_timeout=1, socket_timeout=2
     )
     try:
         pipe = client.pipeline(transaction=False)
-        pipe.llen(queue)
-        for step in _PRIORITY_STEPS:
-            pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
+        for queue in queues:
+            pipe.llen(queue)
+            for step in _PRIORITY_STEPS:
+                pipe.llen(f"{queue}{_PRIORITY_SEP}{step}")
         pipe.hlen("unacked")
         *lengths, unacked = pipe.execute()
     finally:
         client.close()
     depth = GaugeMetricFamily(
-        "flowpins_celery_queue_length", "Tasks waiting in the broker's queue", labels=["queue"]
+        "flowpins_celery_queue_length",
+        "Tasks waiting in each of the broker's queues",
+        labels=["queue"],
     )
-    depth.add_metric([queue], float(sum(lengths)))
+    per_queue = 1 + len(_PRIORITY_STEPS)
+    for n, queue in enumerate(queues):
+        depth.add_metric([queue], float(sum(lengths[n * per_queue : (n + 1) * per_queue])))
     yield depth
     yield gauge(
         "flowpins_celery_tasks_reserved",

@@ -13,6 +13,7 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+from b24app import queues as _queues
 from b24app.logging import logging_config
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -336,7 +337,23 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_timeout": 5,
     "max_retries": 2,
 }
-CELERY_TASK_DEFAULT_QUEUE = "flowpins"
+# Queues by urgency (b24app/queues.py): a refresh storm or a housekeeping sweep queues behind
+# its own kind, never in front of a click, so a worker that takes only the clicks queue answers
+# clicks at once. A retry is published with its message's own routing: it stays on its queue.
+FLOWPINS_QUEUES = _queues.FLOWPINS_QUEUES
+CELERY_TASK_DEFAULT_QUEUE = _queues.CLICKS_QUEUE  # also where a task with no route goes
+CELERY_TASK_ROUTES = {
+    "flows.converge": {"queue": _queues.CLICKS_QUEUE},
+    "flows.add_flow": {"queue": _queues.CLICKS_QUEUE},
+    "flows.refresh_snapshot": {"queue": _queues.REFRESH_QUEUE},
+    "flows.admin_check": {"queue": _queues.REFRESH_QUEUE},
+    "flows.admin_bindings": {"queue": _queues.REFRESH_QUEUE},
+    "flows.prune_intents": {"queue": _queues.HOUSEKEEPING_QUEUE},
+    "b24app.prune_call_log": {"queue": _queues.HOUSEKEEPING_QUEUE},
+    "b24app.keep_tokens_alive": {"queue": _queues.HOUSEKEEPING_QUEUE},
+    "b24app.bind_handlers": {"queue": _queues.HOUSEKEEPING_QUEUE},
+    "b24app.confirm_uninstall": {"queue": _queues.HOUSEKEEPING_QUEUE},
+}
 
 # --- metrics (Prometheus) ---
 # Off unless METRICS_TOKEN is set: /metrics answers 404. With it, a scrape must send

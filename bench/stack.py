@@ -135,10 +135,10 @@ class Stack:
             self.wait_worker(f"worker{n + 1}")
 
     def start_worker(
-        self, name: str, concurrency: int, queue: str = "flowpins", pool: str = "threads"
+        self, name: str, concurrency: int, queue: str | None = None, pool: str = "threads"
     ) -> None:
         """One Celery worker process with a pool of `concurrency` threads (or greenlets, with
-        pool="gevent")."""
+        pool="gevent"), taking jobs from every queue of the app (or from `queue` alone)."""
         cmd = worker_command(
             concurrency=concurrency, hostname=f"{name}@%h", queue=queue, quiet=True, pool=pool
         )

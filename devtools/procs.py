@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -18,17 +19,28 @@ def worker_command(
     *,
     concurrency: int | None = None,
     hostname: str | None = None,
-    queue: str = "flowpins",
+    queues: Sequence[str] | None = None,
+    queue: str | None = None,
     quiet: bool = False,
     pool: str | None = None,
 ) -> list[str]:
     """`celery -A b24app worker`; pool and concurrency default to the settings.
 
+    queues: the queues it takes jobs from; by default every queue of the app, so one worker
+    (`make run`, the tests' session worker) does all the work. queue: just that one (a test's
+    or benchmark's private queue).
     pool: "gevent" must be named here, on the command line, not in the settings: Celery
     patches the standard library for it before anything else is imported only then.
-
     quiet: no gossip, mingle or heartbeat — a worker that talks to no other worker (tests).
     """
+    if queue is not None:
+        queues = [queue]
+    elif queues is None:
+        # Here, not at the top: importing the b24app package loads its Celery app, and the
+        # test settings use this module's other helpers while they are being loaded.
+        from b24app.queues import FLOWPINS_QUEUES
+
+        queues = FLOWPINS_QUEUES
     cmd = [
         sys.executable,
         "-m",
@@ -39,7 +51,7 @@ def worker_command(
         "--loglevel",
         "INFO",
         "--queues",
-        queue,
+        ",".join(queues),
     ]
     if pool is not None:
         cmd += ["--pool", pool]

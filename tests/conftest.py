@@ -24,7 +24,8 @@ from tests.helpers import WORKER, settle_background_work
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRE_SERVICES = os.environ.get("FLOWPINS_REQUIRE_SERVICES") == "1"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-WORKER_QUEUE = settings.CELERY_TASK_DEFAULT_QUEUE  # what the session's worker takes jobs from
+# The session's worker takes jobs from every queue of the app, as one dev worker does.
+WORKER_QUEUES = settings.FLOWPINS_QUEUES
 
 
 def _postgres_ok() -> bool:
@@ -106,24 +107,26 @@ def sandbox(sandbox_server: Any, settings: Any) -> Iterator[Any]:
 # --- a real Celery worker ---------------------------------------------------------------------
 
 
-def drop_leftover_jobs(queue: str) -> int:
-    """Drop the jobs waiting in `queue` of this run's broker, and those a stopped worker had
-    taken from it without acknowledging them (kombu puts those back after the visibility
+def drop_leftover_jobs(*queues: str) -> int:
+    """Drop the jobs waiting in these queues of this run's broker, and those a stopped worker
+    had taken from them without acknowledging them (kombu puts those back after the visibility
     timeout). An earlier run without a worker, or one interrupted, leaves them there; the
-    session's worker would otherwise run them against this run's fresh database. The queue's
-    binding stays. Returns how many were dropped."""
+    session's worker would otherwise run them against this run's fresh database. The queues'
+    bindings stay. Returns how many were dropped."""
     import json
 
     from b24app.celery import app
 
     with app.connection_for_write() as conn:
         channel = conn.default_channel
-        dropped: int = channel.queue_purge(queue) or 0  # every priority step of the queue
+        dropped = 0
+        for queue in queues:
+            dropped += channel.queue_purge(queue) or 0  # every priority step of the queue
         client = channel.client
         taken = [
             tag
             for tag, entry in client.hgetall(channel.unacked_key).items()
-            if json.loads(entry)[2] == queue  # [message, exchange, routing key]
+            if json.loads(entry)[2] in queues  # [message, exchange, routing key]
         ]
         if taken:
             client.hdel(channel.unacked_key, *taken)
@@ -155,8 +158,8 @@ def celery_worker_process(
 ) -> Iterator[Process]:
     """The session's worker; tests/faults pause it (WORKER["proc"]) while a private stack runs."""
     log = tmp_path_factory.mktemp("worker") / "worker.log"
-    cmd = worker_command(concurrency=4, queue=WORKER_QUEUE, quiet=True)
-    drop_leftover_jobs(WORKER_QUEUE)
+    cmd = worker_command(concurrency=4, queues=WORKER_QUEUES, quiet=True)
+    drop_leftover_jobs(*WORKER_QUEUES)
     # It reads pin states only when asked, and only the tests about reading ask.
     proc = start("celery worker", cmd, env={**worker_env, "FLOWPINS_READ_PINS": "1"}, log=log)
     try:

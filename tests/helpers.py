@@ -154,7 +154,7 @@ def worker_paused() -> Iterator[None]:
             from django.conf import settings
 
             broker = redis_lib.Redis.from_url(settings.CELERY_BROKER_URL)
-            broker.delete(settings.CELERY_TASK_DEFAULT_QUEUE)
+            broker.delete(*settings.FLOWPINS_QUEUES)
             shared.resume()
             WORKER["running"] = True
 

@@ -200,8 +200,8 @@ def reporting_worker(
     worker_env: dict[str, str], recorder: Recorder, tmp_path: Path
 ) -> Iterator[None]:
     """A real worker with SENTRY_DSN set, on a queue of its own."""
-    cmd = worker_command(concurrency=2, hostname=f"reports-{uuid.uuid4().hex[:6]}@%h", quiet=True)
-    cmd[cmd.index("--queues") + 1] = QUEUE
+    hostname = f"reports-{uuid.uuid4().hex[:6]}@%h"
+    cmd = worker_command(concurrency=2, hostname=hostname, queue=QUEUE, quiet=True)
     env = {**worker_env, "SENTRY_DSN": recorder.dsn, "SENTRY_ENVIRONMENT": "test"}
     proc = start("celery worker", cmd, env=env, log=tmp_path / "worker.log")
     try:

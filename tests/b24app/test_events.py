@@ -193,7 +193,7 @@ def _queue_drained(seconds: float = 30) -> None:
     """Every job in the broker taken and finished (acks_late: unacked until done)."""
     broker = redis_lib.Redis.from_url(settings.CELERY_BROKER_URL)
     deadline = time.monotonic() + seconds
-    while broker.llen(settings.CELERY_TASK_DEFAULT_QUEUE) or broker.hlen("unacked"):
+    while any(broker.llen(q) for q in settings.FLOWPINS_QUEUES) or broker.hlen("unacked"):
         assert time.monotonic() < deadline, "the worker did not finish the queued work"
         time.sleep(0.1)
     broker.close()

@@ -463,6 +463,9 @@ def test_a_pin_moves_the_counters_and_the_workers_counts_show_in_the_webs_scrape
     waiting = scrape_http(base)  # no worker yet: the click waits in the database and the queue
     assert value(waiting, "flowpins_pin_intents_pending") == 1
     assert value(waiting, "flowpins_celery_queue_length", queue="flowpins") >= 1
+    depth = "flowpins_celery_queue_length"
+    reported = {dict(labels)["queue"] for (name, labels) in waiting if name == depth}
+    assert reported == {"flowpins", "flowpins.refresh", "flowpins.housekeeping"}  # every queue
     assert value(waiting, "flowpins_scrape_source_up", source="database") == 1
 
     worker: Process = start_worker(env, tmp_path / "worker.log", name="metrics@%h")
@@ -521,7 +524,7 @@ def test_the_monitoring_profile_runs_prometheus_and_grafana_on_files_in_the_repo
     services = compose["services"]
     monitoring = {name for name, s in services.items() if "monitoring" in s.get("profiles", [])}
     assert monitoring == {"prometheus", "grafana"}
-    for name in ("web", "worker"):  # every process writes to the one shared directory
+    for name in ("web", "worker", "worker-background"):  # every process writes to one directory
         directory = services[name]["environment"]["PROMETHEUS_MULTIPROC_DIR"]
         assert f"metrics:{directory}" in services[name]["volumes"]
     for name in monitoring:

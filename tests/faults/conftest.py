@@ -7,7 +7,7 @@ kills a worker or restarts the broker must not touch either.
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +31,14 @@ class PrivateStack:
     def worker_log(self) -> Path:
         return self.log_dir / "worker.log"
 
-    def worker(self, **env: str) -> Process:
-        """Start a worker on the private broker (same node name each time, like a restart)."""
-        proc = start_worker({**self.env, **env}, self.worker_log, name="faults@%h")
+    def worker(
+        self, *, name: str = "faults", queues: Sequence[str] | None = None, **env: str
+    ) -> Process:
+        """Start a worker on the private broker (the same node name each time, like a
+        restart); by default it takes every queue of the app, like a single deployed worker.
+        Another `name` starts a second node beside it, with a log of its own."""
+        log = self.worker_log if name == "faults" else self.log_dir / f"{name}.log"
+        proc = start_worker({**self.env, **env}, log, name=f"{name}@%h", queues=queues)
         self.workers.append(proc)
         return proc
 

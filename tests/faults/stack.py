@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -101,10 +101,16 @@ def start_web(env: dict[str, str], log: Path) -> tuple[Process, str]:
 
 
 def start_worker(
-    env: dict[str, str], log: Path, *, name: str = "faults@%h", concurrency: int = 2
+    env: dict[str, str],
+    log: Path,
+    *,
+    name: str = "faults@%h",
+    concurrency: int = 2,
+    queues: Sequence[str] | None = None,
 ) -> Process:
-    """A Celery worker like the deployed one; returns once it logged `ready.`."""
-    cmd = worker_command(concurrency=concurrency, hostname=name, quiet=True)
+    """A Celery worker like the deployed one (every queue of the app unless `queues`);
+    returns once it logged `ready.`."""
+    cmd = worker_command(concurrency=concurrency, hostname=name, queues=queues, quiet=True)
     proc = start("celery worker", cmd, env=env, log=log)
     proc.wait_for_log("ready.", 40)
     return proc

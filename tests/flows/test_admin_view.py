@@ -308,8 +308,8 @@ def test_rebind_puts_back_bindings_deleted_in_bitrix24(
 
 
 def queued_jobs() -> list[Any]:
-    """What the paused worker would run, oldest first, taken off the broker: each job as a
-    signature carrying the rest of its chain."""
+    """What the paused worker would run, taken off every queue of the broker (oldest first in
+    each): each job as a signature carrying the rest of its chain."""
     import base64
 
     import redis as redis_lib
@@ -318,11 +318,12 @@ def queued_jobs() -> list[Any]:
 
     broker = redis_lib.Redis.from_url(settings.CELERY_BROKER_URL)
     jobs = []
-    while raw := broker.rpop(settings.CELERY_TASK_DEFAULT_QUEUE):
-        message = json.loads(raw)
-        args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
-        job = signature(message["headers"]["task"], args=args, kwargs=kwargs)
-        jobs.append((job, [signature(s) for s in reversed(embed.get("chain") or [])]))
+    for queue in settings.FLOWPINS_QUEUES:
+        while raw := broker.rpop(queue):
+            message = json.loads(raw)
+            args, kwargs, embed = json.loads(base64.b64decode(message["body"]))
+            job = signature(message["headers"]["task"], args=args, kwargs=kwargs)
+            jobs.append((job, [signature(s) for s in reversed(embed.get("chain") or [])]))
     return jobs
 
 

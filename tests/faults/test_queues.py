@@ -1,0 +1,172 @@
+"""Queues by urgency (settings.CELERY_TASK_ROUTES), on the private stack's own broker: every task
+lands on its queue, a retry comes back on the queue it left, and a storm of list refreshes
+against a slow portal does not stand in front of a click."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_lib
+import yaml
+from django.test import Client
+
+from b24app.celery import app as celery_app
+from b24app.models import Portal
+from b24app.queues import CLICKS_QUEUE, FLOWPINS_QUEUES, HOUSEKEEPING_QUEUE, REFRESH_QUEUE
+from flows.models import PinIntent
+from tests.faults.conftest import PrivateStack
+from tests.faults.drive import click_http
+from tests.faults.stack import wait_until
+from tests.helpers import install, open_app, portal_pins, sb, state, visible_to
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Where each task must land: a click's work, the reads that come in storms, the sweeps.
+EXPECTED = {
+    "flows.converge": CLICKS_QUEUE,
+    "flows.add_flow": CLICKS_QUEUE,
+    "flows.refresh_snapshot": REFRESH_QUEUE,
+    "flows.admin_check": REFRESH_QUEUE,
+    "flows.admin_bindings": REFRESH_QUEUE,
+    "flows.prune_intents": HOUSEKEEPING_QUEUE,
+    "b24app.prune_call_log": HOUSEKEEPING_QUEUE,
+    "b24app.keep_tokens_alive": HOUSEKEEPING_QUEUE,
+    "b24app.bind_handlers": HOUSEKEEPING_QUEUE,
+    "b24app.confirm_uninstall": HOUSEKEEPING_QUEUE,
+}
+
+# The storm: list refreshes of a portal that takes STORM_LATENCY_MS over every call, on a
+# background worker with two threads — at least STORM_JOBS * latency / 2 = 60 s of work.
+STORM_JOBS = 300
+STORM_LATENCY_MS = 400
+# A click on an idle clicks worker settles in well under a second; this leaves room for a
+# loaded machine and is still a small fraction of the storm.
+CLICK_SECONDS = 5.0
+
+
+def _broker(stack: PrivateStack) -> redis_lib.Redis:
+    return redis_lib.Redis.from_url(stack.redis.url(0))
+
+
+def _tasks_in(broker: redis_lib.Redis, queue: str) -> list[str]:
+    return [json.loads(raw)["headers"]["task"] for raw in broker.lrange(queue, 0, -1)]
+
+
+def test_the_app_routes_every_task_it_has_and_compose_runs_a_worker_for_every_queue() -> None:
+    """A new task must be given a queue on purpose (an unrouted one would land on the clicks
+    queue); compose's workers between them take every queue, its clicks worker only clicks."""
+    celery_app.loader.import_default_modules()
+    ours = {name for name in celery_app.tasks if not name.startswith("celery.")}
+    assert ours == set(EXPECTED)
+
+    services = yaml.safe_load((ROOT / "compose.yaml").read_text())["services"]
+
+    def queues(service: str) -> list[str]:
+        command = services[service]["command"]
+        return str(command[command.index("--queues") + 1]).split(",")
+
+    assert queues("worker") == [CLICKS_QUEUE]
+    assert sorted(queues("worker") + queues("worker-background")) == sorted(FLOWPINS_QUEUES)
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_each_task_is_published_to_its_queue(private_stack: PrivateStack) -> None:
+    broker = _broker(private_stack)
+    with celery_app.connection_for_write(private_stack.redis.url(0)) as conn:
+        for name in EXPECTED:  # nothing consumes the private broker yet
+            celery_app.send_task(name, kwargs={"portal_id": 0}, connection=conn)
+
+    landed = {name: queue for queue in FLOWPINS_QUEUES for name in _tasks_in(broker, queue)}
+    assert landed == EXPECTED
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_a_convergence_retry_comes_back_on_the_clicks_queue(
+    sandbox: Any, private_stack: PrivateStack
+) -> None:
+    """The portal fails the first runs (5xx): each retry is published with its message's own
+    routing, so a worker that takes only the clicks queue holds it, and finishes the pin."""
+    client = Client()
+    install(client, sandbox, "beta")
+    token = open_app(client, sandbox, 2, "beta")
+    flow = visible_to(sandbox, 2, "beta")[0]
+    private_stack.worker(name="clicks", queues=[CLICKS_QUEUE])
+    sb(sandbox, "config", {"portal": "beta", "error_5xx_ratio": 1.0})
+    assert click_http(private_stack.web_url, token, [flow], True).status_code == 202
+
+    broker = _broker(private_stack)
+
+    def a_retry_held() -> list[Any]:
+        """Retried convergence messages the worker holds for their countdown, as kombu keeps
+        them: [message, exchange, routing key]."""
+        held = [json.loads(raw) for raw in broker.hvals("unacked")]
+        return [
+            entry
+            for entry in held
+            if entry[0]["headers"]["task"] == "flows.converge"
+            and entry[0]["headers"]["retries"] >= 1
+        ]
+
+    retried = wait_until(a_retry_held, 30, "a retried convergence run", step=0.02)
+    # Published to the default exchange (""), which delivers to the queue the key names.
+    assert {(exchange, key) for _, exchange, key in retried} == {("", CLICKS_QUEUE)}
+    sb(sandbox, "config", {"portal": "beta", "error_5xx_ratio": None})
+
+    wait_until(
+        lambda: PinIntent.objects.filter(status=PinIntent.Status.DONE).exists(), 40, "the pin"
+    )
+    assert portal_pins(sandbox, 2, "beta") == {flow}
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_a_refresh_storm_against_a_slow_portal_does_not_delay_a_click(
+    sandbox: Any, private_stack: PrivateStack
+) -> None:
+    """Production's shape: a worker for the clicks queue, one for the background queues. A storm
+    of list refreshes for alpha's users (alpha answers slowly) is queued, then a user of beta
+    clicks: the click settles at once, while most of the storm still waits."""
+    client = Client()
+    install(client, sandbox, "alpha")
+    install(client, sandbox, "beta")
+    users = (1, 2, 3)
+    for user in users:
+        open_app(client, sandbox, user, "alpha")
+    token = open_app(client, sandbox, 2, "beta")
+    flow = visible_to(sandbox, 2, "beta")[0]
+    alpha = Portal.objects.get(member_id=state(sandbox, "alpha")["member_id"])
+    # Room in every bucket (ours and the sandbox's): the storm is slow because the portal is.
+    roomy = {"B24_RATE_PER_SECOND": "1000", "B24_RATE_BURST": "1000"}
+    slow = {"latency_ms": STORM_LATENCY_MS, "rate": 1000, "burst": 1000}
+    sb(sandbox, "config", {"portal": "alpha", **slow})
+    private_stack.worker(name="background", queues=[REFRESH_QUEUE, HOUSEKEEPING_QUEUE], **roomy)
+    private_stack.worker(name="clicks", queues=[CLICKS_QUEUE], **roomy)
+
+    with celery_app.connection_for_write(private_stack.redis.url(0)) as conn:
+        for n in range(STORM_JOBS):
+            kwargs = {"portal_id": alpha.pk, "user_id": users[n % len(users)], "force": True}
+            celery_app.send_task("flows.refresh_snapshot", kwargs=kwargs, connection=conn)
+    broker = _broker(private_stack)
+    wait_until(lambda: broker.llen(REFRESH_QUEUE) < STORM_JOBS, 10, "the storm to start")
+
+    clicked = time.monotonic()
+    assert click_http(private_stack.web_url, token, [flow], True).status_code == 202
+    wait_until(
+        lambda: PinIntent.objects.filter(status=PinIntent.Status.DONE).exists(),
+        CLICK_SECONDS,
+        "the click to settle during the storm",
+        step=0.02,
+    )
+    settled = time.monotonic() - clicked
+    waiting = broker.llen(REFRESH_QUEUE)
+
+    assert portal_pins(sandbox, 2, "beta") == {flow}
+    # The storm had hardly begun: what still waits needs the background worker far longer.
+    storm_left = waiting * STORM_LATENCY_MS / 1000 / 2
+    assert storm_left > 10 * CLICK_SECONDS > 10 * settled, (waiting, settled)
