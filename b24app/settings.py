@@ -336,6 +336,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     "socket_connect_timeout": 2,
     "socket_timeout": 5,
     "max_retries": 2,
+    # A worker taking several queues always takes from the first listed (--queues) that has a
+    # job, instead of kombu's default round robin: clicks, then bulk, refresh, housekeeping.
+    "queue_order_strategy": "priority",
 }
 # Queues by urgency (b24app/queues.py): a refresh storm or a housekeeping sweep queues behind
 # its own kind, never in front of a click, so a worker that takes only the clicks queue answers
@@ -343,6 +346,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 FLOWPINS_QUEUES = _queues.FLOWPINS_QUEUES
 CELERY_TASK_DEFAULT_QUEUE = _queues.CLICKS_QUEUE  # also where a task with no route goes
 CELERY_TASK_ROUTES = {
+    # A run with many toggles goes to BULK_QUEUE instead (flows.tasks.enqueue_converge).
     "flows.converge": {"queue": _queues.CLICKS_QUEUE},
     "flows.add_flow": {"queue": _queues.CLICKS_QUEUE},
     "flows.refresh_snapshot": {"queue": _queues.REFRESH_QUEUE},

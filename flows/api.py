@@ -21,6 +21,7 @@ from flows.apiauth import MAX_FLOWS_PER_REQUEST, PageClaims, api, api_claims, js
 from flows.listing import REFRESH_SKIP_SECONDS
 from flows.models import PinIntent
 from flows.rows import intent_json, rows_for
+from flows.toggles import INTERACTIVE_TOGGLES
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def pin(request: HttpRequest, claims: PageClaims) -> HttpResponse:
         return _not_recorded(request, portal_id, flow_ids)
     if any(i.status == PinIntent.Status.PENDING for i in recorded):
         try:
-            tasks.enqueue_converge(portal_id, user_id)
+            tasks.enqueue_converge(portal_id, user_id, bulk=len(flow_ids) > INTERACTIVE_TOGGLES)
         except Exception:
             log.warning("could not queue pin work for portal %s", portal_id)
             return JsonResponse(
@@ -241,7 +242,7 @@ def check_pins(request: HttpRequest, portal: Portal, user: PortalUser) -> HttpRe
         raise Refused(409, _("Your flows are still loading; check again in a moment."))
     pinread.request(portal.pk, user.user_id)
     try:
-        tasks.enqueue_converge(portal.pk, user.user_id)
+        tasks.enqueue_converge(portal.pk, user.user_id, bulk=True)
     except Exception:
         log.warning("could not queue a pin read for portal %s", portal.pk)
         raise Refused(503, words(Problem.QUEUE_DOWN)) from None

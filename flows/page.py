@@ -216,7 +216,7 @@ def _first_read(portal_id: int, user_id: int) -> None:
     their next convergence run, which starts once their list is there."""
     try:
         if pinread.request(portal_id, user_id, first_only=True):
-            tasks.enqueue_converge(portal_id, user_id)
+            tasks.enqueue_converge(portal_id, user_id, bulk=True)
     except Exception:  # the broker is down: the sweep starts the run once it is back
         log.warning("could not queue the first read of a user's pins")
 

@@ -18,6 +18,7 @@ from celery.signals import worker_ready
 from b24app.bitrix.errors import BitrixError, TransientError
 from b24app.celery import app
 from b24app.models import Portal, PortalUser
+from b24app.queues import BULK_QUEUE
 from flows import converge as engine
 from flows import intents, listing, pinread, snapshots
 from flows.lock import release_locks_of
@@ -28,17 +29,21 @@ log = logging.getLogger(__name__)
 SWEEP_SECONDS = 60
 
 
-def enqueue_converge(portal_id: int, user_id: int) -> None:
+def enqueue_converge(portal_id: int, user_id: int, *, bulk: bool = False) -> None:
     """Start a convergence run for the user unless one is already queued or running.
 
     One run per user is in flight at a time: it reads the latest intents every round, so rapid
     clicks coalesce into it instead of each starting a task of its own, and its backoff after
     an outage holds for every click. A click that lands after the run's last look is caught when
-    the run ends (`run_finished`).
+    the run ends (`run_finished`). `bulk`: many toggles (a Pin all, a read of every pin): the
+    run waits on BULK_QUEUE until no click does, and its retries stay there.
     """
     if engine.claim_queued(portal_id, user_id):
         try:
-            converge.apply_async(kwargs={"portal_id": portal_id, "user_id": user_id})
+            converge.apply_async(
+                kwargs={"portal_id": portal_id, "user_id": user_id},
+                queue=BULK_QUEUE if bulk else None,  # None: the route in the settings
+            )
         except Exception:
             engine.release_queued(portal_id, user_id)
             raise
@@ -56,8 +61,13 @@ def converge(self: Any, *, portal_id: int, user_id: int) -> str:
     if outcome.kind is Kind.RETRY:
         raise self.retry(countdown=outcome.delay)
     if outcome.again:
-        enqueue_converge(portal_id, user_id)
+        enqueue_converge(portal_id, user_id, bulk=_on_bulk_queue(self))
     return str(outcome)
+
+
+def _on_bulk_queue(task: Any) -> bool:
+    delivery = getattr(task.request, "delivery_info", None) or {}
+    return bool(delivery.get("routing_key") == BULK_QUEUE)
 
 
 def request_snapshot_refresh(portal_id: int, user_id: int, *, interactive: bool = False) -> bool:
@@ -79,7 +89,7 @@ def refresh_snapshot(
 ) -> str:
     done = listing.refresh(portal_id, user_id, interactive=interactive, force=force)
     if done.endswith(" flows") and pinread.in_flight(portal_id, user_id):
-        enqueue_converge(portal_id, user_id)  # a read waits for this list: start it
+        enqueue_converge(portal_id, user_id, bulk=True)  # a read waits for this list: start it
     return done
 
 

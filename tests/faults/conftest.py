@@ -32,13 +32,20 @@ class PrivateStack:
         return self.log_dir / "worker.log"
 
     def worker(
-        self, *, name: str = "faults", queues: Sequence[str] | None = None, **env: str
+        self,
+        *,
+        name: str = "faults",
+        queues: Sequence[str] | None = None,
+        concurrency: int = 2,
+        **env: str,
     ) -> Process:
         """Start a worker on the private broker (the same node name each time, like a
         restart); by default it takes every queue of the app, like a single deployed worker.
         Another `name` starts a second node beside it, with a log of its own."""
         log = self.worker_log if name == "faults" else self.log_dir / f"{name}.log"
-        proc = start_worker({**self.env, **env}, log, name=f"{name}@%h", queues=queues)
+        proc = start_worker(
+            {**self.env, **env}, log, name=f"{name}@%h", queues=queues, concurrency=concurrency
+        )
         self.workers.append(proc)
         return proc
 

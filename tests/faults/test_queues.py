@@ -16,7 +16,13 @@ from django.test import Client
 
 from b24app.celery import app as celery_app
 from b24app.models import Portal
-from b24app.queues import CLICKS_QUEUE, FLOWPINS_QUEUES, HOUSEKEEPING_QUEUE, REFRESH_QUEUE
+from b24app.queues import (
+    BULK_QUEUE,
+    CLICKS_QUEUE,
+    FLOWPINS_QUEUES,
+    HOUSEKEEPING_QUEUE,
+    REFRESH_QUEUE,
+)
 from flows.models import PinIntent
 from tests.faults.conftest import PrivateStack
 from tests.faults.drive import click_http
@@ -58,7 +64,7 @@ def _tasks_in(broker: redis_lib.Redis, queue: str) -> list[str]:
 
 def test_the_app_routes_every_task_it_has_and_compose_runs_a_worker_for_every_queue() -> None:
     """A new task must be given a queue on purpose (an unrouted one would land on the clicks
-    queue); compose's workers between them take every queue, its clicks worker only clicks."""
+    queue); compose's workers between them take every queue, its pin worker clicks first."""
     celery_app.loader.import_default_modules()
     ours = {name for name in celery_app.tasks if not name.startswith("celery.")}
     assert ours == set(EXPECTED)
@@ -69,7 +75,7 @@ def test_the_app_routes_every_task_it_has_and_compose_runs_a_worker_for_every_qu
         command = services[service]["command"]
         return str(command[command.index("--queues") + 1]).split(",")
 
-    assert queues("worker") == [CLICKS_QUEUE]
+    assert queues("worker") == [CLICKS_QUEUE, BULK_QUEUE]  # in that order: clicks first
     assert sorted(queues("worker") + queues("worker-background")) == sorted(FLOWPINS_QUEUES)
 
 
@@ -170,3 +176,79 @@ def test_a_refresh_storm_against_a_slow_portal_does_not_delay_a_click(
     # The storm had hardly begun: what still waits needs the background worker far longer.
     storm_left = waiting * STORM_LATENCY_MS / 1000 / 2
     assert storm_left > 10 * CLICK_SECONDS > 10 * settled, (waiting, settled)
+
+
+# Other people's Pin all on a slow portal: BULK_USERS runs of BULK_FLOWS flows, each several
+# requests of BULK_LATENCY_MS, one after another on a worker with one thread.
+BULK_USERS = 4
+BULK_FLOWS = 100
+BULK_LATENCY_MS = 300
+
+
+@pytest.mark.services
+@pytest.mark.django_db(transaction=True)
+def test_a_click_is_taken_before_other_peoples_pin_all_waiting_on_the_same_worker(
+    sandbox: Any, private_stack: PrivateStack
+) -> None:
+    """One worker takes every queue with one thread, as a small deployment may. Four people on
+    alpha click Pin all (their runs wait on the bulk queue); then a person on beta clicks one
+    flow. The worker takes the click as soon as its thread is free — before the Pin alls still
+    waiting — instead of after all of them."""
+    client = Client()
+    install(client, sandbox, "alpha")
+    install(client, sandbox, "beta")
+    users = sb(sandbox, "p/alpha/users", {"count": BULK_USERS})["users"]
+    sb(sandbox, "p/alpha/flows", {"count": BULK_FLOWS, "visible_to_all": True})
+    tokens = {user: open_app(client, sandbox, user, "alpha") for user in users}
+    beta_token = open_app(client, sandbox, 2, "beta")
+    flow = visible_to(sandbox, 2, "beta")[0]
+    roomy = {"B24_RATE_PER_SECOND": "1000", "B24_RATE_BURST": "1000"}
+    private_stack.worker(name="single", concurrency=1, **roomy)
+    wait_until(
+        lambda: (
+            click_http(private_stack.web_url, beta_token, [flow], False).status_code == 202
+            and all(
+                click_http(
+                    private_stack.web_url, t, visible_to(sandbox, u, "alpha")[:1], False
+                ).status_code
+                == 202
+                for u, t in tokens.items()
+            )
+        ),
+        40,
+        "every list to load",
+    )
+    wait_until(lambda: not PinIntent.objects.filter(status="pending").exists(), 30, "a quiet start")
+    sb(
+        sandbox,
+        "config",
+        {"portal": "alpha", "latency_ms": BULK_LATENCY_MS, "rate": 1000, "burst": 1000},
+    )
+    for user, token in tokens.items():
+        everything = visible_to(sandbox, user, "alpha")
+        assert click_http(private_stack.web_url, token, everything, True).status_code == 202
+    alpha = Portal.objects.get(member_id=state(sandbox, "alpha")["member_id"])
+
+    def alpha_users_pending() -> set[int]:
+        return set(
+            PinIntent.objects.filter(portal=alpha, status=PinIntent.Status.PENDING).values_list(
+                "user_id", flat=True
+            )
+        )
+
+    wait_until(lambda: len(alpha_users_pending()) < BULK_USERS, 30, "the first Pin all to run")
+    assert click_http(private_stack.web_url, beta_token, [flow], True).status_code == 202
+    wait_until(
+        lambda: PinIntent.objects.filter(
+            portal__member_id=state(sandbox, "beta")["member_id"],
+            status=PinIntent.Status.DONE,
+            desired=True,
+        ).exists(),
+        60,
+        "the click to settle",
+        step=0.02,
+    )
+    still_waiting = alpha_users_pending()
+    assert portal_pins(sandbox, 2, "beta") == {flow}
+    # Taken after at most the Pin all that had the thread: at least two still wait.
+    assert len(still_waiting) >= BULK_USERS - 2, still_waiting
