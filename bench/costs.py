@@ -51,9 +51,10 @@ class Costs:
         import redis
         from django.db import connection
 
+        roles = {"worker": ("worker", "clicks"), "web": ("web",), "sandbox": ("sandbox",)}
         cpu = {
-            role: sum(_group_cpu(p.pid) for n, p in stack.procs.items() if n.startswith(role))
-            for role in ("worker", "web", "sandbox")
+            role: sum(_group_cpu(p.pid) for n, p in stack.procs.items() if n.startswith(names))
+            for role, names in roles.items()
         }
         cpu["postgres"] = _named_cpu("postgres")
         cpu["redis"] = _named_cpu("redis-server")

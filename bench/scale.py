@@ -27,16 +27,12 @@ FLOWS = 100
 PREPINNED = 0.3
 LATENCY_MS = 150
 RATE, BURST = 2.0, 50
-# (pool, concurrency per worker process); BENCH_SCALE_POOLS="threads:8,gevent:250" picks others.
-POOLS = [
-    (pool, int(size))
-    for pool, size in (
-        item.split(":")
-        for item in os.environ.get("BENCH_SCALE_POOLS", "threads:8,threads:32,gevent:250").split(
-            ","
-        )
-    )
-]
+# pool:concurrency per worker process, and "+clicks": a third, dedicated click worker beside
+# the two (which then take the other queues). BENCH_SCALE_POOLS="threads:8,gevent:32" picks.
+POOLS = os.environ.get(
+    "BENCH_SCALE_POOLS", "threads:8,threads:32,gevent:32,threads:32+clicks"
+).split(",")
+CLICK_WORKER_THREADS = 4
 WORKERS = 2
 SETUP_THREADS = 12
 
@@ -77,12 +73,27 @@ def _setup(stack: Stack) -> Portals:
     return portals
 
 
-def _restart_workers(stack: Stack, pool: str, concurrency: int) -> None:
+def _restart_workers(stack: Stack, pool: str, concurrency: int, click_worker: bool) -> None:
+    """WORKERS processes taking every queue (clicks first) — or, with `click_worker`, every
+    queue but the clicks, and a small worker for the clicks alone."""
+    from b24app.queues import CLICKS_QUEUE, FLOWPINS_QUEUES
+
+    if "clicks" in stack.procs and stack.procs["clicks"].alive():
+        stack.stop_proc("clicks")
+    queues = [q for q in FLOWPINS_QUEUES if q != CLICKS_QUEUE] if click_worker else None
+    env = {}
+    if pool == "gevent":
+        # Every greenlet (a task) opens a connection of its own, and a persistent one would
+        # outlive it: close each at the end of its task, or PostgreSQL runs out of connections.
+        env["DATABASE_URL"] = stack.env["DATABASE_URL"] + "?conn_max_age=0"
     for n in range(WORKERS):
         name = f"worker{n + 1}"
         if name in stack.procs and stack.procs[name].alive():
             stack.stop_proc(name)
-        stack.start_worker(name, concurrency, pool=pool)
+        stack.start_worker(name, concurrency, pool=pool, queues=queues, **env)
+    if click_worker:
+        stack.start_worker("clicks", CLICK_WORKER_THREADS, queues=[CLICKS_QUEUE])
+        stack.wait_worker("clicks", 60)
     for n in range(WORKERS):
         stack.wait_worker(f"worker{n + 1}", 60)
 
@@ -311,12 +322,18 @@ def bench_scale(report: Report, tmp: Any) -> None:
         if not apps.ready:
             setup_django(stack)
         portals = _setup(stack)
-        for pool, concurrency in POOLS:
-            label = f"{pool} × {concurrency}"
-            _restart_workers(stack, pool, concurrency)
+        for variant in POOLS:
+            shape, _, extra = variant.partition("+")
+            pool, size = shape.split(":")
+            concurrency = int(size)
+            label = f"{pool} × {concurrency}" + (
+                f" + a click worker (threads × {CLICK_WORKER_THREADS})" if extra else ""
+            )
+            _restart_workers(stack, pool, concurrency, click_worker=bool(extra))
             print(f"scale: {label} ...", flush=True)
             scale, cost = _rows(label, concurrency, _measure(stack, portals))
             cost[-1] = f"{max(stack.peak_rss_mb(f'worker{n + 1}') for n in range(WORKERS)):.0f}"
+            print(" | ".join(scale), "\n", " | ".join(cost), flush=True)  # before any later fails
             scale_rows.append(scale)
             cost_rows.append(cost)
     finally:

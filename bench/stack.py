@@ -135,14 +135,25 @@ class Stack:
             self.wait_worker(f"worker{n + 1}")
 
     def start_worker(
-        self, name: str, concurrency: int, queue: str | None = None, pool: str = "threads"
+        self,
+        name: str,
+        concurrency: int,
+        queue: str | None = None,
+        pool: str = "threads",
+        queues: list[str] | None = None,
+        **env: str,
     ) -> None:
         """One Celery worker process with a pool of `concurrency` threads (or greenlets, with
         pool="gevent"), taking jobs from every queue of the app (or from `queue` alone)."""
         cmd = worker_command(
-            concurrency=concurrency, hostname=f"{name}@%h", queue=queue, quiet=True, pool=pool
+            concurrency=concurrency,
+            hostname=f"{name}@%h",
+            queue=queue,
+            queues=queues,
+            quiet=True,
+            pool=pool,
         )
-        self._start(name, cmd)
+        self._start(name, cmd, **env)
 
     def wait_worker(self, name: str, seconds: float = 40) -> None:
         self.procs[name].wait_for_log("ready.", seconds)
