@@ -40,6 +40,7 @@ from flows import intents, remote
 from flows.lock import LockLost, UserLock
 from flows.models import PinIntent
 from flows.outcome import Outcome
+from flows.pending import PendingIntent
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class BatchSize:
 
 def record_answers(
     answers: dict[int, bool | None],
-    pending: dict[int, PinIntent],
+    pending: dict[int, PendingIntent],
     *,
     only_pending: bool = False,
     count: bool = False,
@@ -197,7 +198,7 @@ def _send(user: PortalUser, ids: list[int]) -> dict[int, bool | BitrixError]:
 def toggle_round(
     portal: Portal,
     user: PortalUser,
-    chunk: dict[int, PinIntent],
+    chunk: dict[int, PendingIntent],
     stats: dict[str, int],
     lock: UserLock,
 ) -> Outcome | Answered:
@@ -227,7 +228,7 @@ def _stop_all(portal: Portal, user: PortalUser, problem: str) -> int:
 def _request_failed(
     portal: Portal,
     user: PortalUser,
-    chunk: dict[int, PinIntent],
+    chunk: dict[int, PendingIntent],
     stats: dict[str, int],
     exc: BitrixError,
     *,
@@ -266,7 +267,7 @@ def _request_failed(
 
 
 def _read_answers(
-    chunk: dict[int, PinIntent],
+    chunk: dict[int, PendingIntent],
     answers: dict[int, bool | BitrixError],
     stats: dict[str, int],
     *,
