@@ -235,6 +235,27 @@ def _reverify_endpoint(portal: Portal, access_token: str) -> None:
             log.warning("portal %s: app.info names an unusable address: %s", portal.member_id, exc)
 
 
+# What `call_with_user` reads afresh for every call, and no more: this runs once per REST
+# request, and reading whole rows (the portal's application token decrypted too) cost a worker
+# CPU per request for nothing.
+_LATEST = PortalUser.objects.select_related("portal").only(
+    "portal",
+    "state",
+    "state_reason",
+    "access_token",
+    "refresh_token",
+    "expires_at",
+    "token_version",
+    "portal__member_id",
+    "portal__client_endpoint",
+    "portal__server_endpoint",
+    "portal__rate_per_second",
+    "portal__rate_burst",
+    "portal__state",
+    "portal__state_reason",
+)
+
+
 def call_with_user(
     user: PortalUser,
     action: Callable[[PortalClient, str], T],
@@ -245,7 +266,7 @@ def call_with_user(
 ) -> T:
     """Run `action(client, access_token)` with this user's token: refresh lazily (on a passed
     expiry or on expired_token), under the lock, and retry the action once."""
-    user = PortalUser.objects.select_related("portal").get(pk=user.pk)  # the latest tokens
+    user = _LATEST.get(pk=user.pk)  # the latest tokens (and the portal's state and address)
     portal = user.portal
     if not portal.is_active:
         raise ReinstallRequired(portal.state_reason or "the app is not installed")
