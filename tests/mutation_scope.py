@@ -19,6 +19,7 @@ OWN_TESTS = {
     "b24app.tokens": "test_token_rules.py",
     "flows.converge": "test_converge_rules.py",
     "flows.toggles": "test_converge_rules.py",
+    "flows.pending": "test_converge_rules.py",
 }
 
 
