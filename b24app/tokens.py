@@ -31,6 +31,7 @@ from b24app.bitrix.errors import (
     ReopenRequired,
     TokenExpired,
 )
+from b24app.latest import latest_user
 from b24app.models import Portal, PortalUser
 from b24app.portal_client import client_for, portal_follow_endpoint
 
@@ -235,27 +236,6 @@ def _reverify_endpoint(portal: Portal, access_token: str) -> None:
             log.warning("portal %s: app.info names an unusable address: %s", portal.member_id, exc)
 
 
-# What `call_with_user` reads afresh for every call, and no more: this runs once per REST
-# request, and reading whole rows (the portal's application token decrypted too) cost a worker
-# CPU per request for nothing.
-_LATEST = PortalUser.objects.select_related("portal").only(
-    "portal",
-    "state",
-    "state_reason",
-    "access_token",
-    "refresh_token",
-    "expires_at",
-    "token_version",
-    "portal__member_id",
-    "portal__client_endpoint",
-    "portal__server_endpoint",
-    "portal__rate_per_second",
-    "portal__rate_burst",
-    "portal__state",
-    "portal__state_reason",
-)
-
-
 def call_with_user(
     user: PortalUser,
     action: Callable[[PortalClient, str], T],
@@ -266,7 +246,7 @@ def call_with_user(
 ) -> T:
     """Run `action(client, access_token)` with this user's token: refresh lazily (on a passed
     expiry or on expired_token), under the lock, and retry the action once."""
-    user = _LATEST.get(pk=user.pk)  # the latest tokens (and the portal's state and address)
+    user = latest_user(user.pk)  # the latest tokens (and the portal's state and address)
     portal = user.portal
     if not portal.is_active:
         raise ReinstallRequired(portal.state_reason or "the app is not installed")
