@@ -31,6 +31,7 @@ from b24app.bitrix.errors import (
     ReopenRequired,
     TokenExpired,
 )
+from b24app.latest import latest_user
 from b24app.models import Portal, PortalUser
 from b24app.portal_client import client_for, portal_follow_endpoint
 
@@ -245,7 +246,7 @@ def call_with_user(
 ) -> T:
     """Run `action(client, access_token)` with this user's token: refresh lazily (on a passed
     expiry or on expired_token), under the lock, and retry the action once."""
-    user = PortalUser.objects.select_related("portal").get(pk=user.pk)  # the latest tokens
+    user = latest_user(user.pk)  # the latest tokens (and the portal's state and address)
     portal = user.portal
     if not portal.is_active:
         raise ReinstallRequired(portal.state_reason or "the app is not installed")

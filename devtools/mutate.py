@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MUTANTS = ROOT / "mutants"
 MODULES = {
     "verification": ["b24app/frame.py", "b24app/eventauth.py"],
-    "tokens": ["b24app/tokens.py"],
-    "convergence": ["flows/converge.py", "flows/toggles.py"],
+    "tokens": ["b24app/tokens.py", "b24app/latest.py"],
+    "convergence": ["flows/converge.py", "flows/toggles.py", "flows/pending.py"],
 }
 # mutmut's exit codes: a failing test run kills the mutant; so does running out of time.
 KILLED = {1, 3, 24, -24, 152, 255, 36}

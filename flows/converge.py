@@ -25,6 +25,7 @@ from flows import intents, pinread
 from flows.lock import Busy, LockLost, UserLock
 from flows.models import PinIntent
 from flows.outcome import Kind, Outcome
+from flows.pending import PendingIntent, PendingWindow
 from flows.toggles import BatchSize, finish, toggle_round
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ def _read_then_converge(
     return outcome
 
 
-def _settle_agreed(pending: list[PinIntent], stats: dict[str, int]) -> list[PinIntent]:
+def _settle_agreed(pending: list[PendingIntent], stats: dict[str, int]) -> list[PendingIntent]:
     """Close what agrees with its intent, and what used up its toggles; return the rest."""
     done = [i.pk for i in pending if i.converged]
     finish(done, PinIntent.Status.DONE, "", observed=F("desired"))
@@ -239,13 +240,10 @@ def _rounds(
     batch: BatchSize,
     max_rounds: int,
 ) -> Outcome:
+    window = PendingWindow(portal.pk, user.user_id, PENDING_WINDOW)
     for _ in range(max_rounds):
         lock.check()
-        pending = list(
-            PinIntent.objects.filter(
-                portal_id=portal.pk, user_id=user.user_id, status=PinIntent.Status.PENDING
-            ).order_by("updated_at", "pk")[:PENDING_WINDOW]
-        )
+        pending = window.read()
         todo = _settle_agreed(pending, stats)
         if not todo:
             if len(pending) < PENDING_WINDOW:

@@ -13,8 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Value
+from django.db import connection, transaction
 from django.utils import timezone
 
 from b24app import metrics, tokens
@@ -40,6 +39,7 @@ from flows import intents, remote
 from flows.lock import LockLost, UserLock
 from flows.models import PinIntent
 from flows.outcome import Outcome
+from flows.pending import PendingIntent
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class BatchSize:
 
 def record_answers(
     answers: dict[int, bool | None],
-    pending: dict[int, PinIntent],
+    pending: dict[int, PendingIntent],
     *,
     only_pending: bool = False,
     count: bool = False,
@@ -121,19 +121,26 @@ def record_answers(
     by_answer: dict[bool | None, list[int]] = {}
     for fid, observed in answers.items():
         by_answer.setdefault(observed, []).append(pending[fid].pk)
-    with transaction.atomic():
+    with transaction.atomic(), connection.cursor() as cursor:
         for observed, pks in by_answer.items():
-            counted = F("toggles") + 1 if observed is not None or count else Value(0)
-            rows = PinIntent.objects.filter(pk__in=pks)
-            if only_pending:
-                rows = rows.filter(status=PinIntent.Status.PENDING)
-            rows.update(
-                observed=observed,
-                observed_at=now,
-                toggles=counted,
-                not_before=not_before,
-                updated_at=now,
-            )
+            counted = observed is not None or count
+            sql = _record_sql(len(pks), counted=counted, only_pending=only_pending)
+            status = [PinIntent.Status.PENDING.value] if only_pending else []
+            cursor.execute(sql, [observed, now, not_before, now, *pks, *status])
+
+
+def _record_sql(rows: int, *, counted: bool, only_pending: bool) -> str:
+    """The UPDATE of `record_answers`, written here: it runs after every REST request, and the
+    ORM building it each time (`filter(pk__in=…).update(…)`) was a noticeable part of a worker's
+    CPU per request. Only our own table name and placeholders go into the text."""
+    table = connection.ops.quote_name(PinIntent._meta.db_table)
+    toggles = "toggles + 1" if counted else "0"
+    ids = ", ".join(["%s"] * rows)
+    pending = " AND status = %s" if only_pending else ""
+    return (
+        f"UPDATE {table} SET observed = %s, observed_at = %s, toggles = {toggles},"  # noqa: S608
+        f" not_before = %s, updated_at = %s WHERE id IN ({ids}){pending}"
+    )
 
 
 def finish(intent_ids: list[int], status: str, problem: str, **still: Any) -> None:
@@ -197,7 +204,7 @@ def _send(user: PortalUser, ids: list[int]) -> dict[int, bool | BitrixError]:
 def toggle_round(
     portal: Portal,
     user: PortalUser,
-    chunk: dict[int, PinIntent],
+    chunk: dict[int, PendingIntent],
     stats: dict[str, int],
     lock: UserLock,
 ) -> Outcome | Answered:
@@ -227,7 +234,7 @@ def _stop_all(portal: Portal, user: PortalUser, problem: str) -> int:
 def _request_failed(
     portal: Portal,
     user: PortalUser,
-    chunk: dict[int, PinIntent],
+    chunk: dict[int, PendingIntent],
     stats: dict[str, int],
     exc: BitrixError,
     *,
@@ -266,7 +273,7 @@ def _request_failed(
 
 
 def _read_answers(
-    chunk: dict[int, PinIntent],
+    chunk: dict[int, PendingIntent],
     answers: dict[int, bool | BitrixError],
     stats: dict[str, int],
     *,

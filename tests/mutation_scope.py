@@ -17,8 +17,10 @@ OWN_TESTS = {
     "b24app.frame": "test_verification_rules.py",
     "b24app.eventauth": "test_verification_rules.py",
     "b24app.tokens": "test_token_rules.py",
+    "b24app.latest": "test_token_rules.py",
     "flows.converge": "test_converge_rules.py",
     "flows.toggles": "test_converge_rules.py",
+    "flows.pending": "test_converge_rules.py",
 }
 
 

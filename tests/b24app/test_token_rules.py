@@ -239,6 +239,28 @@ def test_a_token_the_portal_calls_expired_is_refreshed_and_the_call_retried(sand
     assert PortalUser.objects.get(pk=admin.pk).token_version == admin.token_version + 1
 
 
+def test_each_call_uses_the_row_as_stored_then_not_as_handed(sandbox: Any) -> None:
+    _, admin = _installed(sandbox)  # `admin` holds a working token from here on
+    PortalUser.objects.filter(pk=admin.pk).update(access_token="not-a-token-any-more")
+    assert _profile(admin)["ID"] == "1"  # the stored token was refused: refreshed, then used
+    assert _refreshes(sandbox) == 1
+    row = PortalUser.objects.get(pk=admin.pk)
+    assert row.access_token != "not-a-token-any-more"
+    assert row.token_version == admin.token_version + 1
+
+
+def test_a_portal_uninstalled_since_its_user_was_read_gets_no_call(sandbox: Any) -> None:
+    portal, admin = _installed(sandbox)
+    before = state(sandbox)["counters"]
+    Portal.objects.filter(pk=portal.pk).update(state=Portal.State.UNINSTALLED)
+    with pytest.raises(ReinstallRequired):
+        _profile(admin)
+    assert state(sandbox)["counters"] == before
+    PortalUser.objects.filter(pk=admin.pk).delete()
+    with pytest.raises(PortalUser.DoesNotExist):
+        _profile(admin)
+
+
 @pytest.mark.filterwarnings("error::RuntimeWarning")  # a naive datetime saved
 def test_a_refresh_someone_else_already_did_is_not_repeated(sandbox: Any) -> None:
     _, admin = _installed(sandbox)
