@@ -324,10 +324,13 @@ CELERY_RESULT_BACKEND = None
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# The work is I/O: HTTP to portals and a few queries. Threads wait on the shared rate limiter
-# without holding a whole process, so one slow portal cannot starve the others.
+# Threads, 32 a process (README, "Sizing"; measured by `make bench`'s scale section). A process
+# runs on one core (the GIL) at ~18 ms of CPU a REST request, so it keeps ~8 calls in flight
+# at 150 ms: 8 threads were the limit, 32 leave room for slower portals and for calls waiting on
+# a bucket. gevent did worse on the same load (more CPU a request, and a database connection
+# per greenlet). Each thread keeps one PostgreSQL connection: processes × 32 connections.
 CELERY_WORKER_POOL = env.str("CELERY_WORKER_POOL", default="threads")
-CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=8)
+CELERY_WORKER_CONCURRENCY = env.int("CELERY_WORKER_CONCURRENCY", default=32)
 CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True

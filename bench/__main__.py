@@ -98,7 +98,7 @@ def report_memory(stack: Stack, report: Report) -> None:
         ["process", "MB"],
         [
             ["web (largest gunicorn process)", f"{stack.peak_rss_mb('web'):.0f}"],
-            ["worker (one Celery process, 8 threads)", f"{stack.peak_rss_mb('worker1'):.0f}"],
+            ["worker (one Celery process, 32 threads)", f"{stack.peak_rss_mb('worker1'):.0f}"],
         ],
     )
 

@@ -56,8 +56,13 @@ class Costs:
             role: sum(_group_cpu(p.pid) for n, p in stack.procs.items() if n.startswith(names))
             for role, names in roles.items()
         }
-        cpu["postgres"] = _named_cpu("postgres")
         cpu["redis"] = _named_cpu("redis-server")
+        # PostgreSQL's backends come and go (the load generator's connections): count the whole
+        # machine's CPU, less the load generator (this process) and what is counted above.
+        machine = psutil.cpu_times()
+        busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+        me = psutil.Process().cpu_times()
+        cpu["postgres"] = busy - (me.user + me.system) - sum(cpu.values())
         info: dict[str, Any] = redis.Redis.from_url(stack.env["REDIS_URL"]).info("stats")
         with connection.cursor() as cursor:
             cursor.execute(
@@ -70,6 +75,7 @@ class Costs:
         return cls(cpu, int(info["total_commands_processed"]), dict(zip(keys, row, strict=True)))
 
     def since(self, before: Costs) -> Costs:
+        """The run's share: every figure less the one read before it."""
         return Costs(
             {k: v - before.cpu.get(k, 0.0) for k, v in self.cpu.items()},
             self.redis_commands - before.redis_commands,

@@ -128,7 +128,7 @@ class Stack:
             ],
         )
         for n in range(self.workers):  # separate worker processes, each with its thread pool
-            self.start_worker(f"worker{n + 1}", 8)
+            self.start_worker(f"worker{n + 1}", 32)
         self.procs["sandbox"].wait_for_http(f"{self.sandbox_url}/_sandbox/state")
         self.procs["web"].wait_for_http(f"{self.web_url}/ping")
         for n in range(self.workers):

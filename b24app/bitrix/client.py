@@ -44,9 +44,12 @@ _local = threading.local()
 
 
 def http_session() -> requests.Session:
-    """One pooled session per process and thread (a forked Celery child builds its own)."""
+    """One pooled session per process and thread (a forked Celery child builds its own), made
+    again when the CA bundle named in the environment changes."""
     session: requests.Session | None = getattr(_local, "session", None)
-    if session is None or getattr(_local, "pid", None) != os.getpid():
+    bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+    made_for = (os.getpid(), bundle)
+    if session is None or getattr(_local, "made_for", None) != made_for:
         session = requests.Session()
         adapter = HTTPAdapter(pool_connections=20, pool_maxsize=20, max_retries=0)
         session.mount("http://", adapter)
@@ -54,12 +57,12 @@ def http_session() -> requests.Session:
         session.headers["User-Agent"] = "flow-pins/0.1"
         # requests reads the environment again on every request (proxies, no_proxy, a CA bundle,
         # a netrc file): a noticeable part of a worker's CPU per REST call. When it names no
-        # proxy and no netrc file, the CA bundle is all it could change: read once, here.
+        # proxy and no netrc file, the CA bundle is all it could change: read here (and looked
+        # at again above, cheaply, for each request).
         session.trust_env = _proxy_or_netrc()
         if not session.trust_env:
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
             session.verify = bundle or True
-        _local.session, _local.pid = session, os.getpid()
+        _local.session, _local.made_for = session, made_for
     return session
 
 

@@ -31,6 +31,7 @@ from b24app.bitrix.errors import BitrixError, RateLimited, ReopenRequired
 from b24app.bitrix.ratelimit import PortalRateLimiter
 from b24app.calllog import record_call
 from b24app.models import Portal, PortalUser, RestCall
+from b24app.queues import FLOWPINS_QUEUES
 from devtools.run import _metrics_dir
 from devtools.supervisor import Process
 from flows import intents
@@ -465,7 +466,7 @@ def test_a_pin_moves_the_counters_and_the_workers_counts_show_in_the_webs_scrape
     assert value(waiting, "flowpins_celery_queue_length", queue="flowpins") >= 1
     depth = "flowpins_celery_queue_length"
     reported = {dict(labels)["queue"] for (name, labels) in waiting if name == depth}
-    assert reported == {"flowpins", "flowpins.refresh", "flowpins.housekeeping"}  # every queue
+    assert reported == set(FLOWPINS_QUEUES)  # every queue
     assert value(waiting, "flowpins_scrape_source_up", source="database") == 1
 
     worker: Process = start_worker(env, tmp_path / "worker.log", name="metrics@%h")
