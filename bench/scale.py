@@ -335,8 +335,13 @@ def bench_scale(report: Report, tmp: Any) -> None:
     stack = Stack(portals=SCALE_PORTALS + CLICK_PORTALS, workers=WORKERS, tmp=tmp)
     scale_rows, cost_rows = [], []
     try:
-        stack.start()
         from django.apps import apps
+
+        if apps.ready:  # the database is made afresh: let go of the other stack's connection
+            from django.db import connection
+
+            connection.close()
+        stack.start()
 
         if not apps.ready:
             setup_django(stack)
