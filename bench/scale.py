@@ -332,7 +332,8 @@ def _rows(label: str, concurrency: int, run: dict[str, Any]) -> tuple[list[str],
 
 def bench_scale(report: Report, tmp: Any) -> None:
     """Its own stack: SCALE_PORTALS + CLICK_PORTALS portals, measured once per pool."""
-    stack = Stack(portals=SCALE_PORTALS + CLICK_PORTALS, workers=WORKERS, tmp=tmp)
+    keys = {k: os.environ[k] for k in ("SECRET_KEY", "B24_TOKEN_KEY") if k in os.environ}
+    stack = Stack(portals=SCALE_PORTALS + CLICK_PORTALS, workers=WORKERS, tmp=tmp, keys=keys)
     scale_rows, cost_rows = [], []
     try:
         from django.apps import apps

@@ -37,7 +37,11 @@ def fresh_database(url: str) -> None:
 
 
 class Stack:
-    def __init__(self, *, portals: int = 5, workers: int = 2, tmp: Path) -> None:
+    def __init__(
+        self, *, portals: int = 5, workers: int = 2, tmp: Path, keys: dict[str, str] | None = None
+    ) -> None:
+        """`keys`: SECRET_KEY and B24_TOKEN_KEY of an earlier stack on the same database, so
+        this process (set up for that one) still reads what this one writes."""
         self.portals = portals
         self.workers = workers
         self.tmp = tmp
@@ -69,6 +73,7 @@ class Stack:
             REDIS_URL=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/2"),
             PYTHONPATH=str(ROOT),
         )
+        self.env.update(keys or {})
         self.supervisor = Supervisor(env=self.env, cwd=ROOT, log_dir=tmp)
 
     # -- processes ---------------------------------------------------------------------------
