@@ -381,8 +381,9 @@ def bench_scale(report: Report, tmp: Any) -> None:
         "Scale: what each pin and REST request costs",
         COST_HEADER,
         cost_rows,
-        "CPU of every process of the run (workers, gunicorn, sandbox, PostgreSQL, Redis) over "
-        "its REST requests; the CPU ceiling is this machine's 2 cores ÷ that. Redis commands "
-        "include the Celery broker's; PostgreSQL transactions are statements outside atomic "
-        "blocks plus atomic blocks.",
+        "CPU per REST request: each role's processes; PostgreSQL and the rest is the machine's "
+        "CPU less the load generator and the roles counted (PostgreSQL's backends come and "
+        "go), so it holds the kernel's work too. The CPU ceiling is this machine's 2 cores ÷ "
+        "the total. Redis commands include the Celery broker's; PostgreSQL transactions are "
+        "statements outside atomic blocks plus atomic blocks.",
     )
