@@ -18,22 +18,24 @@ from typing import Any
 
 from bench.costs import Costs, settle_stats
 from bench.portal import generated_flow_ids, portal_pk, setup_django
-from bench.report import QUICK, Report, ms, pct
+from bench.report import Report
+from bench.scale_table import (
+    BURST,
+    CLICK_PORTALS,
+    CLICK_WORKER_THREADS,
+    COST_HEADER,
+    FLOWS,
+    LATENCY_MS,
+    POOLS,
+    PREPINNED,
+    RATE,
+    SCALE_HEADER,
+    SCALE_PORTALS,
+    WORKERS,
+    rows,
+)
 from bench.stack import Stack
 
-SCALE_PORTALS = int(os.environ.get("BENCH_SCALE_PORTALS", 60 if QUICK else 200))
-CLICK_PORTALS = int(os.environ.get("BENCH_SCALE_CLICK_PORTALS", 8))
-FLOWS = 100
-PREPINNED = 0.3
-LATENCY_MS = 150
-RATE, BURST = 2.0, 50
-# pool:concurrency per worker process, and "+clicks": a third, dedicated click worker beside
-# the two (which then take the other queues). BENCH_SCALE_POOLS="threads:8,gevent:32" picks.
-POOLS = os.environ.get(
-    "BENCH_SCALE_POOLS", "threads:8,threads:32,gevent:32,threads:32+clicks"
-).split(",")
-CLICK_WORKER_THREADS = 4
-WORKERS = 2
 SETUP_THREADS = 12
 
 
@@ -255,81 +257,6 @@ def _wait_bulk(portals: Portals) -> float:
     raise RuntimeError("the Pin all runs did not settle in time")
 
 
-SCALE_HEADER = [
-    "pool (per process)",
-    "flows pinned",
-    "seconds",
-    "pins/s",
-    "REST req/s",
-    "× buckets' ceiling",
-    "× pool I/O ceiling",
-    "calls in flight: peak / mean",
-    "Pin all done: p50 / p99 s",
-    "latency floor p50 s",
-    "single click p99 ms: click → settled / answered → settled",
-    "503s",
-    "wrong final states",
-]
-COST_HEADER = [
-    "pool (per process)",
-    "REST requests",
-    "worker CPU ms / request",
-    "web / PostgreSQL and the rest / Redis / sandbox CPU ms / request",
-    "CPU ms / request, all processes",
-    "CPU ceiling req/s (2 cores)",
-    "Redis commands / pin",
-    "PostgreSQL transactions / pin",
-    "rows written / pin",
-    "Pin all POST p50 / p99 ms",
-    "worker peak RSS MB",
-]
-
-
-def _rows(label: str, concurrency: int, run: dict[str, Any]) -> tuple[list[str], list[str]]:
-    pins = SCALE_PORTALS * FLOWS
-    seconds, requests = run["seconds"], run["requests"]
-    rps = requests / seconds
-    buckets = (SCALE_PORTALS + CLICK_PORTALS) * RATE  # the portals' sustained ceiling, req/s
-    pool_ceiling = WORKERS * concurrency / (LATENCY_MS / 1000)
-    done = list(run["completion"].values())
-    floor = [n * LATENCY_MS / 1000 for n in run["bulk_requests"].values()]
-    traffic, costs = run["traffic"], run["costs"]
-    cpu_all = sum(costs.cpu.values())
-    scale = [
-        label,
-        str(pins),
-        f"{seconds:.1f}",
-        f"{pins / seconds:.0f}",
-        f"{rps:.0f}",
-        f"{rps / buckets:.2f} (of {buckets:.0f})",
-        f"{rps / pool_ceiling:.2f} (of {pool_ceiling:.0f})",
-        f"{traffic['peak']} / {traffic['mean_in_flight']:.0f}",
-        f"{pct(done, 50):.1f} / {pct(done, 99):.1f}",
-        f"{pct(floor, 50):.2f}",
-        f"{ms(pct([c[0] for c in run['clicks']], 99))} / "
-        f"{ms(pct([c[0] - c[1] for c in run['clicks']], 99))} (n={len(run['clicks'])})",
-        str(run["http_503"]),
-        str(run["wrong"]),
-    ]
-    cost = [
-        label,
-        str(requests),
-        f"{costs.cpu['worker'] * 1000 / requests:.1f}",
-        " / ".join(
-            f"{costs.cpu[role] * 1000 / requests:.1f}"
-            for role in ("web", "postgres", "redis", "sandbox")
-        ),
-        f"{cpu_all * 1000 / requests:.1f}",
-        f"{2 * requests / cpu_all:.0f}",
-        f"{costs.redis_commands / pins:.1f}",
-        f"{costs.pg['transactions'] / pins:.2f}",
-        f"{costs.pg['rows_written'] / pins:.2f}",
-        f"{ms(pct(run['pin_all_posts'], 50))} / {ms(pct(run['pin_all_posts'], 99))}",
-        "",
-    ]
-    return scale, cost
-
-
 def bench_scale(report: Report, tmp: Any) -> None:
     """Its own stack: SCALE_PORTALS + CLICK_PORTALS portals, measured once per pool."""
     keys = {k: os.environ[k] for k in ("SECRET_KEY", "B24_TOKEN_KEY") if k in os.environ}
@@ -356,7 +283,7 @@ def bench_scale(report: Report, tmp: Any) -> None:
             )
             _restart_workers(stack, pool, concurrency, click_worker=bool(extra))
             print(f"scale: {label} ...", flush=True)
-            scale, cost = _rows(label, concurrency, _measure(stack, portals))
+            scale, cost = rows(label, concurrency, _measure(stack, portals))
             cost[-1] = f"{max(stack.peak_rss_mb(f'worker{n + 1}') for n in range(WORKERS)):.0f}"
             print(" | ".join(scale), "\n", " | ".join(cost), flush=True)  # before any later fails
             scale_rows.append(scale)
