@@ -14,6 +14,7 @@ from django.utils import timezone
 from b24app import metrics
 from b24app.bitrix.client import CallRecord
 from b24app.models import RestCall
+from b24app.rawsql import db_datetime
 
 log = logging.getLogger(__name__)
 _metrics_failure_logged = False
@@ -49,7 +50,7 @@ def record_call(record: CallRecord) -> None:
                 record.error,
                 record.duration_ms,
                 record.commands,
-                timezone.now(),
+                db_datetime(timezone.now()),
             ],
         )
     try:

@@ -14,6 +14,7 @@ from typing import Any
 from django.db import connection, models
 
 from b24app.models import Portal, PortalUser
+from b24app.rawsql import converters, to_python
 
 # Only what a call uses; the rest of each row stays deferred (read on access, like `.only()`).
 USER_FIELDS = {
@@ -55,16 +56,6 @@ def _query() -> tuple[str, list[Any], list[Any]]:
     return sql, user_fields, portal_fields
 
 
-def _loaded(fields: list[Any], values: tuple[Any, ...]) -> list[Any]:
-    """The values as the ORM would hand them to the model (tokens decrypted)."""
-    loaded = []
-    for field, value in zip(fields, values, strict=True):
-        for convert in field.get_db_converters(connection):
-            value = convert(value, None, connection)
-        loaded.append(value)
-    return loaded
-
-
 def latest_user(pk: int) -> PortalUser:
     """The user's row as stored now, with its portal; PortalUser.DoesNotExist when gone."""
     sql, user_fields, portal_fields = _query()
@@ -75,6 +66,8 @@ def latest_user(pk: int) -> PortalUser:
         raise PortalUser.DoesNotExist("PortalUser matching query does not exist.")
     split = len(user_fields)
     db = connection.alias
-    user = PortalUser.from_db(db, USER_FIELDS, _loaded(user_fields, row[:split]))
-    user.portal = Portal.from_db(db, PORTAL_FIELDS, _loaded(portal_fields, row[split:]))
+    user_values = to_python(converters(user_fields), row[:split])
+    user = PortalUser.from_db(db, USER_FIELDS, user_values)
+    portal_values = to_python(converters(portal_fields), row[split:])
+    user.portal = Portal.from_db(db, PORTAL_FIELDS, portal_values)
     return user

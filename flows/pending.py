@@ -14,7 +14,10 @@ from datetime import datetime
 
 from django.db import connection
 
+from b24app.rawsql import converters, to_python
 from flows.models import PinIntent
+
+COLUMNS = ("id", "flow_id", "desired", "observed", "toggles", "not_before")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +46,14 @@ class PendingWindow:
                 portal_id=portal_id, user_id=user_id, status=PinIntent.Status.PENDING
             )
             .order_by("updated_at", "pk")
-            .values_list("pk", "flow_id", "desired", "observed", "toggles", "not_before")
+            .values_list(*COLUMNS)
         )[:size]
         self.size = size
         self._sql, self._params = rows.query.sql_with_params()
+        self._converters = converters([PinIntent._meta.get_field(name) for name in COLUMNS])
 
     def read(self) -> list[PendingIntent]:
         with connection.cursor() as cursor:
             cursor.execute(self._sql, self._params)
-            return [PendingIntent(*row) for row in cursor.fetchall()]
+            found = cursor.fetchall()
+        return [PendingIntent(*to_python(self._converters, row)) for row in found]

@@ -34,6 +34,7 @@ from b24app.bitrix.errors import (
 )
 from b24app.models import Portal, PortalUser
 from b24app.problems import Problem
+from b24app.rawsql import db_datetime
 from b24app.redisconn import redis_client
 from flows import intents, remote
 from flows.lock import LockLost, UserLock
@@ -126,7 +127,8 @@ def record_answers(
             counted = observed is not None or count
             sql = _record_sql(len(pks), counted=counted, only_pending=only_pending)
             status = [PinIntent.Status.PENDING.value] if only_pending else []
-            cursor.execute(sql, [observed, now, not_before, now, *pks, *status])
+            times = [db_datetime(now), db_datetime(not_before), db_datetime(now)]
+            cursor.execute(sql, [observed, times[0], times[1], times[2], *pks, *status])
 
 
 def _record_sql(rows: int, *, counted: bool, only_pending: bool) -> str:
