@@ -78,24 +78,16 @@ def _pin_all(stack: Stack, name: str, ids: list[int], toggles_before: int) -> in
     return int(stack.portal_state(name)["counters"]["pin_toggles"]) - toggles_before
 
 
-def _restart_workers(stack: Stack, **env: str) -> None:
-    for n in range(stack.workers):
-        stack.stop_proc(f"worker{n + 1}")
-        stack.start_worker(f"worker{n + 1}", 32, **env)
-    for n in range(stack.workers):
-        stack.wait_worker(f"worker{n + 1}")
-
-
 def bench_reads(stack: Stack, report: Report, sizes: list[int]) -> None:
     name = stack.portal_names()[0]
     rate, burst = 2.0, 50
     # The stack's workers read no pin states (FLOWPINS_READ_PINS=0, for the other sections):
     # these read them, and give up any read asked of them otherwise.
-    _restart_workers(stack, FLOWPINS_READ_PINS="1")
+    stack.restart_workers(FLOWPINS_READ_PINS="1")
     try:
         rows = [_read_once(stack, name, flows, rate, burst) for flows in sizes]
     finally:
-        _restart_workers(stack)
+        stack.restart_workers()
     report.add(
         "Reading real pin states: toggle pairs, 25 flows a request (2/s, burst 50; a third "
         "pinned beforehand in Bitrix24)",

@@ -88,16 +88,10 @@ def _restart_workers(stack: Stack, pool: str, concurrency: int, click_worker: bo
         # Every greenlet (a task) opens a connection of its own, and a persistent one would
         # outlive it: close each at the end of its task, or PostgreSQL runs out of connections.
         env["DATABASE_URL"] = stack.env["DATABASE_URL"] + "?conn_max_age=0"
-    for n in range(WORKERS):
-        name = f"worker{n + 1}"
-        if name in stack.procs and stack.procs[name].alive():
-            stack.stop_proc(name)
-        stack.start_worker(name, concurrency, pool=pool, queues=queues, **env)
     if click_worker:
         stack.start_worker("clicks", CLICK_WORKER_THREADS, queues=[CLICKS_QUEUE])
         stack.wait_worker("clicks", 60)
-    for n in range(WORKERS):
-        stack.wait_worker(f"worker{n + 1}", 60)
+    stack.restart_workers(concurrency, pool=pool, queues=queues, seconds=60, **env)
 
 
 def _fresh_start(stack: Stack, portals: Portals) -> None:

@@ -21,6 +21,7 @@ from devtools.supervisor import Process, Supervisor
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "local.sandbox0000000001"
 CLIENT_SECRET = "sandbox-client-secret"
+WORKER_THREADS = 32  # a worker process's threads, as the settings' default
 
 
 def fresh_database(url: str) -> None:
@@ -133,7 +134,7 @@ class Stack:
             ],
         )
         for n in range(self.workers):  # separate worker processes, each with its thread pool
-            self.start_worker(f"worker{n + 1}", 32)
+            self.start_worker(f"worker{n + 1}", WORKER_THREADS)
         self.procs["sandbox"].wait_for_http(f"{self.sandbox_url}/_sandbox/state")
         self.procs["web"].wait_for_http(f"{self.web_url}/ping")
         for n in range(self.workers):
@@ -159,6 +160,24 @@ class Stack:
             pool=pool,
         )
         self._start(name, cmd, **env)
+
+    def restart_workers(
+        self,
+        concurrency: int = 0,
+        pool: str = "threads",
+        queues: list[str] | None = None,
+        seconds: float = 40,
+        **env: str,
+    ) -> None:
+        """Stop the stack's worker processes (those running) and start them again as asked
+        (`concurrency` 0: WORKER_THREADS, the settings' default); returns once all are ready."""
+        for n in range(self.workers):
+            name = f"worker{n + 1}"
+            if name in self.procs and self.procs[name].alive():
+                self.stop_proc(name)
+            self.start_worker(name, concurrency or WORKER_THREADS, pool=pool, queues=queues, **env)
+        for n in range(self.workers):
+            self.wait_worker(f"worker{n + 1}", seconds)
 
     def wait_worker(self, name: str, seconds: float = 40) -> None:
         self.procs[name].wait_for_log("ready.", seconds)
